@@ -1,0 +1,84 @@
+"""Causal softmax attention with token RoPE (Vaswani et al., 2017; Su et al., 2021), full or
+sliding-window. Layout inside: ``(B, T, H, P)``; SDPA sees ``(B, H, T, P)``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rat_lightning.layers.base import Mixer, append_along_seq, split_heads
+from rat_lightning.ops.rope import apply_rope
+
+
+@dataclass
+class KVCache:
+    """Keys (RoPE applied) and values of past tokens.
+
+    Attributes:
+        keys, values: ``(B, S, H, P)`` or None before the first token; with a window W,
+            S <= W (the oldest entries are dropped as the window slides).
+        position: index of the next token.
+    """
+
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    position: int = 0
+
+
+class Attention(Mixer):
+    """Multi-head causal attention, optionally restricted to a sliding window.
+
+    Args:
+        d_model: int, model width.
+        n_heads: int, number of heads (d_model % n_heads == 0).
+        window: int or None; query t sees keys in (t - window, t]. None: full causal attention.
+        rope_base: float, RoPE base over token positions, default 10000.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, window: int | None = None, rope_base: float = 10000.0) -> None:
+        super().__init__()
+        if window is not None and window < 1:
+            raise ValueError(f"window must be a positive int or None, got {window}")
+        self.n_heads = n_heads
+        self.window = window
+        self.rope_base = rope_base
+        self.w_in = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.w_out = nn.Linear(d_model, d_model, bias=False)
+
+    def _project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        value, query, key = (split_heads(t, self.n_heads) for t in self.w_in(x).chunk(3, dim=-1))
+        query = apply_rope(query, positions, self.rope_base).to(x.dtype)
+        key = apply_rope(key, positions, self.rope_base).to(x.dtype)
+        return query, key, value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, T, d_model)`` -> ``(B, T, d_model)``."""
+        length = x.shape[1]
+        query, key, value = self._project(x, torch.arange(length, device=x.device))
+        mask = None
+        if self.window is not None and self.window < length:
+            t = torch.arange(length, device=x.device)
+            offset = t[:, None] - t[None, :]
+            mask = (offset >= 0) & (offset < self.window)
+        out = F.scaled_dot_product_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask, is_causal=mask is None
+        )
+        return self.w_out(out.transpose(1, 2).flatten(2))
+
+    def init_cache(self, batch_size: int, device: torch.device) -> KVCache:
+        """An empty cache."""
+        return KVCache()
+
+    def step(self, x: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
+        """``(B, d_model)`` -> ``(B, d_model)``; appends this token's key and value."""
+        positions = torch.full((1,), cache.position, device=x.device)
+        query, key, value = self._project(x.unsqueeze(1), positions)
+        keys = append_along_seq(cache.keys, key[:, 0])
+        values = append_along_seq(cache.values, value[:, 0])
+        if self.window is not None:
+            keys, values = keys[:, -self.window :], values[:, -self.window :]
+        out = F.scaled_dot_product_attention(query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2))
+        return self.w_out(out.transpose(1, 2).flatten(1)), KVCache(keys, values, cache.position + 1)

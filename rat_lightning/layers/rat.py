@@ -1,0 +1,114 @@
+"""RAT: intra-chunk gated recurrence + softmax attention over chunk summaries
+(Wei et al., "RAT: Bridging RNN Efficiency and Attention Accuracy", arXiv 2507.04416).
+
+    z, x, g, q, k = split(W_in u)          q, k in G groups shared by H/G heads
+    a = sigmoid(g + b_gate)                 per channel, shared by x and k
+    s_t = a_t s_{t-1} + (1 - a_t) v_t       restarted at every chunk start, v in {x, k}
+    attn_t = softmax over {summaries of previous chunks} + {own running state}, chunk RoPE
+    o = W_out(sigmoid(z) * attn)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rat_lightning.layers.base import Mixer, append_along_seq, split_heads
+from rat_lightning.layers.rnn import init_gate_bias
+from rat_lightning.ops.chunk_attention import chunk_attention, chunk_attention_step
+from rat_lightning.ops.recurrence import gated_recurrence, gated_recurrence_step
+
+
+@dataclass
+class RATCache:
+    """Decoding cache of one RAT layer: ceil(T / L) entries per head instead of T.
+
+    Attributes:
+        chunk_keys, chunk_values: ``(B, C, H, P)`` fp32 summaries of the C finished chunks
+            (keys before RoPE), or None before the first chunk ends.
+        state: running ``(sx, sk)`` of the current chunk, each ``(B, H, P)`` fp32, or None
+            at a chunk start.
+        position: index of the next token.
+    """
+
+    chunk_keys: torch.Tensor | None = None
+    chunk_values: torch.Tensor | None = None
+    state: tuple[torch.Tensor, torch.Tensor] | None = None
+    position: int = 0
+
+    def num_entries(self) -> int:
+        """Key/value entries held per head: finished chunks plus the running state."""
+        finished = 0 if self.chunk_keys is None else self.chunk_keys.shape[1]
+        return finished + (self.state is not None)
+
+
+class RAT(Mixer):
+    """The RAT mixer.
+
+    Args:
+        d_model: int, model width.
+        n_heads: int, attention heads H (d_model % H == 0).
+        n_groups: int, G query/key groups shared by H/G heads (H % G == 0), paper: 2.
+        chunk_size: int, L, paper: 16. L = 1 is attention with a gated value path; L >= T
+            is a gated linear RNN.
+        rope_base: float, RoPE base over chunk indices, default 10000.
+    """
+
+    def __init__(
+        self, d_model: int, n_heads: int, n_groups: int = 2, chunk_size: int = 16, rope_base: float = 10000.0
+    ) -> None:
+        super().__init__()
+        if n_heads % n_groups:
+            raise ValueError(f"n_heads ({n_heads}) must be divisible by n_groups ({n_groups})")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
+        self.n_heads, self.n_groups, self.chunk_size, self.rope_base = n_heads, n_groups, chunk_size, rope_base
+        head_dim = d_model // n_heads
+        self.sizes = [d_model, d_model, d_model, n_groups * head_dim, n_groups * head_dim]
+        self.w_in = nn.Linear(d_model, sum(self.sizes), bias=False)
+        self.w_out = nn.Linear(d_model, d_model, bias=False)
+        self.gate_bias = nn.Parameter(torch.zeros(n_heads, head_dim))
+        init_gate_bias(self.gate_bias, chunk_size - 1)
+
+    def reset_parameters(self, std: float) -> None:
+        super().reset_parameters(std)
+        init_gate_bias(self.gate_bias, self.chunk_size - 1)
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        z, value, gate, query, key = self.w_in(x).split(self.sizes, dim=-1)
+        query = split_heads(query, self.n_groups).repeat_interleave(self.n_heads // self.n_groups, dim=-2)
+        return z, split_heads(value, self.n_heads), split_heads(gate, self.n_heads), query, split_heads(
+            key, self.n_groups
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, T, d_model)`` -> ``(B, T, d_model)``; any T (a last partial chunk is fine)."""
+        z, value, gate, query, key = self._project(x)
+        sx, sk = gated_recurrence(value, gate, key, gate_bias=self.gate_bias, chunk_size=self.chunk_size)
+        attn = chunk_attention(query, sk, sx, self.chunk_size, rope_base=self.rope_base)
+        return self.w_out(torch.sigmoid(z) * attn.flatten(2))
+
+    def init_cache(self, batch_size: int, device: torch.device) -> RATCache:
+        """An empty cache."""
+        return RATCache()
+
+    def step(self, x: torch.Tensor, cache: RATCache) -> tuple[torch.Tensor, RATCache]:
+        """``(B, d_model)`` -> ``(B, d_model)``; a finished chunk's states join the summaries."""
+        z, value, gate, query, key = self._project(x)
+        previous = None if cache.position % self.chunk_size == 0 else cache.state
+        sx, sk = gated_recurrence_step(value, gate, previous, key, gate_bias=self.gate_bias)
+        attn = chunk_attention_step(query, sk, sx, *self._summaries(cache, sx), rope_base=self.rope_base)
+        out = self.w_out((torch.sigmoid(z.to(attn.dtype)) * attn.flatten(1)).to(x.dtype))
+        chunk_keys, chunk_values = cache.chunk_keys, cache.chunk_values
+        if (cache.position + 1) % self.chunk_size == 0:
+            chunk_keys, chunk_values = append_along_seq(chunk_keys, sk), append_along_seq(chunk_values, sx)
+        return out, RATCache(chunk_keys, chunk_values, (sx, sk), cache.position + 1)
+
+    @staticmethod
+    def _summaries(cache: RATCache, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if cache.chunk_keys is None:
+            empty = like.new_zeros(like.shape[0], 0, *like.shape[1:])
+            return empty, empty
+        return cache.chunk_keys, cache.chunk_values
