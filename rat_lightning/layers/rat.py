@@ -29,7 +29,7 @@ class RATCache:
         chunk_keys, chunk_values: ``(B, C, H, P)`` fp32 summaries of the C finished chunks
             (keys before RoPE), or None before the first chunk ends.
         state: running ``(sx, sk)`` of the current chunk, each ``(B, H, P)`` fp32, or None
-            at a chunk start.
+            when the last chunk has just finished (the next token restarts the recurrence).
         position: index of the next token.
     """
 
@@ -101,10 +101,12 @@ class RAT(Mixer):
         sx, sk = gated_recurrence_step(value, gate, previous, key, gate_bias=self.gate_bias)
         attn = chunk_attention_step(query, sk, sx, *self._summaries(cache, sx), rope_base=self.rope_base)
         out = self.w_out((torch.sigmoid(z.to(attn.dtype)) * attn.flatten(1)).to(x.dtype))
-        chunk_keys, chunk_values = cache.chunk_keys, cache.chunk_values
+        chunk_keys, chunk_values, state = cache.chunk_keys, cache.chunk_values, (sx, sk)
         if (cache.position + 1) % self.chunk_size == 0:
+            # The finished chunk's state becomes its summary; the next token restarts anyway.
             chunk_keys, chunk_values = append_along_seq(chunk_keys, sk), append_along_seq(chunk_values, sx)
-        return out, RATCache(chunk_keys, chunk_values, (sx, sk), cache.position + 1)
+            state = None
+        return out, RATCache(chunk_keys, chunk_values, state, cache.position + 1)
 
     @staticmethod
     def _summaries(cache: RATCache, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,19 +28,22 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _prepare(
     x: torch.Tensor, g: torch.Tensor, k: torch.Tensor | None, gate_bias: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gate and stacked values in the compute dtype: ``a (B,T,1,H,P)``, ``v (B,T,N,H,P)`` with N = 1 or 2."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gate, input scale and stacked values in the compute dtype: ``a, b (B,T,1,H,P)`` with
+    ``b = 1 - a``, and ``v (B,T,N,H,P)`` with N = 1 or 2."""
     compute = compute_dtype(x.dtype)
     gf = g.to(compute)
     if gate_bias is not None:
         gf = gf + gate_bias.to(compute)
     a = torch.sigmoid(gf).unsqueeze(2)
+    # 1 - a as sigmoid(-g): near a = 1 the subtraction would keep only a few bits in fp32.
+    b = torch.sigmoid(-gf).unsqueeze(2)
     values = [x.to(compute)]
     if k is not None:
         heads, groups = x.shape[2], k.shape[2]
         # k is shared by H/G heads; the gate is per channel, so each head gets its own gated key.
         values.append(k.to(compute).repeat_interleave(heads // groups, dim=2))
-    return a, torch.stack(values, dim=2)
+    return a, b, torch.stack(values, dim=2)
 
 
 def _split(states: torch.Tensor, dtype: torch.dtype, with_k: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -58,7 +61,7 @@ def gated_recurrence_stepwise(
     initial_state: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Stepwise loop over time; see module docstring. Shapes as in :func:`gated_recurrence_chunked`."""
-    a, v = _prepare(x, g, k, gate_bias)
+    a, b, v = _prepare(x, g, k, gate_bias)
     batch, length, n, heads, dim = v.shape
     state = torch.zeros(batch, n, heads, dim, dtype=v.dtype, device=x.device)
     if initial_state is not None:
@@ -67,7 +70,7 @@ def gated_recurrence_stepwise(
     for t in range(length):
         restart = chunk_size is not None and t % chunk_size == 0
         carried = 0.0 if restart else a[:, t] * state
-        state = carried + (1 - a[:, t]) * v[:, t]
+        state = carried + b[:, t] * v[:, t]
         out.append(state)
     return _split(torch.stack(out, dim=1), x.dtype, k is not None)
 
@@ -95,23 +98,25 @@ def gated_recurrence_chunked(
         ``(sx, sk)``: ``(B, T, H, P)`` states in x's dtype (computed in fp32); sk is None
         when k is None.
     """
-    a, v = _prepare(x, g, k, gate_bias)
+    a, b, v = _prepare(x, g, k, gate_bias)
     batch, length, n, heads, dim = v.shape
     block = chunk_size or _FULL_SEQUENCE_BLOCK
     pad = (-length) % block
     if pad:
         # Padded steps carry the state unchanged (a = 1, input 0) and are cut off below.
         a = F.pad(a, (0, 0, 0, 0, 0, 0, 0, pad), value=1.0)
+        b = F.pad(b, (0, 0, 0, 0, 0, 0, 0, pad))
         v = F.pad(v, (0, 0, 0, 0, 0, 0, 0, pad))
     blocks = (length + pad) // block
     a = a.view(batch, blocks, block, 1, heads, dim)
+    b = b.view(batch, blocks, block, 1, heads, dim)
     v = v.view(batch, blocks, block, n, heads, dim)
     # Local states: the recurrence restarted at every block start, vectorised over blocks.
     local, decay = [], []
     state = torch.zeros(batch, blocks, n, heads, dim, dtype=v.dtype, device=x.device)
     running = torch.ones(batch, blocks, 1, heads, dim, dtype=v.dtype, device=x.device)
     for i in range(block):
-        state = a[:, :, i] * state + (1 - a[:, :, i]) * v[:, :, i]
+        state = a[:, :, i] * state + b[:, :, i] * v[:, :, i]
         running = running * a[:, :, i]
         local.append(state)
         decay.append(running)
@@ -149,9 +154,9 @@ def gated_recurrence_step(
     Returns:
         new ``(sx, sk)`` in the compute dtype (fp32, or fp64 for fp64 inputs).
     """
-    a, v = _prepare(x.unsqueeze(1), g.unsqueeze(1), None if k is None else k.unsqueeze(1), gate_bias)
-    a, v = a[:, 0], v[:, 0]
-    new = (1 - a) * v
+    a, b, v = _prepare(x.unsqueeze(1), g.unsqueeze(1), None if k is None else k.unsqueeze(1), gate_bias)
+    a, b, v = a[:, 0], b[:, 0], v[:, 0]
+    new = b * v
     if state is not None:
         new = new + a * torch.stack([s.to(new.dtype) for s in state if s is not None], dim=1)
     return new[:, 0], (new[:, 1] if k is not None else None)

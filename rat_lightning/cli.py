@@ -1,0 +1,80 @@
+"""Command line: ``rat-lightning fit|validate|test|predict`` (LightningCLI) and ``prepare``.
+
+Configs compose: ``rat-lightning fit --config configs/model/tiny.yaml --config configs/data/corpus.yaml``;
+later files and flags override earlier ones; ``--print_config`` shows every knob.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from rat_lightning.errors import ConfigError
+
+log = logging.getLogger("rat_lightning")
+
+TRAINER_DEFAULTS = {
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "runs", "name": "default"},
+    },
+    "callbacks": [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}},
+        {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor", "init_args": {"logging_interval": "step"}},
+    ],
+}
+
+
+class RATLightningCLI(LightningCLI):
+    """LightningCLI with the data's tokenizer and sequence length linked into the model config."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.seq_len", "model.model.max_seq_len")
+        # The vocabulary is known only once the data module has read (or built) its tokenizer.
+        parser.link_arguments("data.vocab_size", "model.model.vocab_size", apply_on="instantiate")
+
+
+def _run_prepare(args: list[str]) -> None:
+    from jsonargparse import CLI
+
+    from rat_lightning.data import prepare
+
+    manifest = CLI(prepare, args=args, as_positional=False)
+    log.info("wrote %s", manifest)
+
+
+def main(args: list[str] | None = None) -> RATLightningCLI | None:
+    """Entry point of the ``rat-lightning`` command.
+
+    Args:
+        args: command-line arguments (default ``sys.argv[1:]``); tests call this in-process.
+
+    Returns:
+        The CLI object (for fit/validate/test/predict), or None for ``prepare``.
+    """
+    from rat_lightning.data import DataError, PretrainDataModule
+    from rat_lightning.training import LanguageModelModule
+
+    args = sys.argv[1:] if args is None else list(args)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args[:1] == ["prepare"]:
+            _run_prepare(args[1:])
+            return None
+        return RATLightningCLI(
+            LanguageModelModule,
+            PretrainDataModule,
+            trainer_defaults=TRAINER_DEFAULTS,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except (ConfigError, DataError) as error:
+        # Our errors already name the field or file and the fix: no traceback needed.
+        print(f"rat-lightning: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
+
+
+if __name__ == "__main__":
+    main()

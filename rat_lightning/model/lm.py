@@ -1,0 +1,114 @@
+"""The language model: embedding -> blocks -> norm -> head.
+
+    h_0 = embed(ids)
+    for each block:                       +------------------------------+
+        h = h + mixer(RMSNorm(h))         |  mixer: attention | rat | ...  |
+        h = h + ffn(RMSNorm(h))           |  ffn:   GELU MLP | SwiGLU      |
+    logits = head(RMSNorm(h))             +------------------------------+
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from rat_lightning.layers import FeedForward, RMSNorm
+from rat_lightning.model.config import ModelConfig
+from rat_lightning.model.flops import flops_per_token
+from rat_lightning.model.registry import build_mixer
+
+
+class Block(nn.Module):
+    """Pre-norm block: a mixer then an FFN, each with a residual.
+
+    Args:
+        config: model shapes.
+        mixer: the mixer name of this layer.
+    """
+
+    def __init__(self, config: ModelConfig, mixer: str) -> None:
+        super().__init__()
+        self.mixer_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mixer = build_mixer(mixer, config)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.ffn = FeedForward(config.d_model, config.ffn_hidden, config.ffn)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """``(B, T, d_model)`` -> ``(B, T, d_model)``."""
+        h = h + self.mixer(self.mixer_norm(h))
+        return h + self.ffn(self.ffn_norm(h))
+
+    def step(self, h: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        """``(B, d_model)`` -> ``(B, d_model)`` and the mixer's updated cache."""
+        mixed, cache = self.mixer.step(self.mixer_norm(h), cache)
+        h = h + mixed
+        return h + self.ffn(self.ffn_norm(h)), cache
+
+
+class RATLanguageModel(nn.Module):
+    """A causal language model of RAT-family blocks.
+
+    Args:
+        config: :class:`ModelConfig`.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, mixer) for mixer in config.layer_mixers)
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Normal(0, init_std) for every weight matrix and the embedding, ones for norms, the
+        mixers' own gate-bias inits."""
+        std = self.config.init_std
+        nn.init.normal_(self.embed.weight, mean=0.0, std=std)
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.head.weight, mean=0.0, std=std)
+        for block in self.blocks:
+            block.mixer.reset_parameters(std)
+            for linear in (block.ffn.w_in, block.ffn.w_out):
+                nn.init.normal_(linear.weight, mean=0.0, std=std)
+            block.mixer_norm.reset_parameters()
+            block.ffn_norm.reset_parameters()
+        self.norm.reset_parameters()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` int64 token ids -> ``(B, T, vocab_size)`` logits."""
+        h = self.embed(input_ids)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h))
+
+    def init_cache(self, batch_size: int, device: torch.device | None = None) -> list[Any]:
+        """One empty cache per layer."""
+        device = device or self.embed.weight.device
+        return [block.mixer.init_cache(batch_size, device) for block in self.blocks]
+
+    def step(self, token: torch.Tensor, caches: list[Any]) -> tuple[torch.Tensor, list[Any]]:
+        """One token per sequence: ``(B,)`` ids -> ``(B, vocab_size)`` logits and new caches."""
+        h = self.embed(token)
+        new_caches = []
+        for block, cache in zip(self.blocks, caches):
+            h, cache = block.step(h, cache)
+            new_caches.append(cache)
+        return self.head(self.norm(h)), new_caches
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Parameter count (tied weights counted once)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def num_matmul_parameters(self) -> int:
+        """Weights multiplied per token: every Linear (the head included), not the embedding lookup."""
+        return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+
+    def flops_per_token(self, seq_len: int, training: bool = True) -> float:
+        """FLOPs per token at sequence length ``seq_len`` (see :mod:`rat_lightning.model.flops`)."""
+        return flops_per_token(self.config, seq_len, self.num_matmul_parameters(), training)

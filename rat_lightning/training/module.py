@@ -1,0 +1,156 @@
+"""LightningModule for next-token language modelling with any RAT-family model."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.text import Perplexity
+
+from rat_lightning.model import ModelConfig, RATLanguageModel
+from rat_lightning.model.generation import generate
+from rat_lightning.training.optim import build_scheduler, parameter_groups
+
+IGNORE_INDEX = -100
+
+
+class LanguageModelModule(L.LightningModule):
+    """Next-token training, validation and generation.
+
+    The loss is the sum of token losses over the targets that are not ``-100``, divided by
+    their count (so masked targets neither count nor dilute the mean).
+
+    Args:
+        model: :class:`ModelConfig` of the network.
+        lr: peak learning rate (paper 1.3B: 8e-4).
+        betas: AdamW betas.
+        weight_decay: AdamW decay of weight matrices.
+        decay_all: also decay norms, biases and embeddings (the RAT authors' code does).
+        warmup: warmup length; a float in (0, 1) is a fraction of the total steps, an int a
+            step count.
+        min_lr: learning rate at the end of the cosine.
+        eps: AdamW epsilon.
+        fused_adam: use the fused CUDA AdamW where parameters are on CUDA.
+        compile: wrap the model in ``torch.compile`` at fit start.
+        generate_tokens: tokens ``predict`` generates after each prompt.
+        temperature, top_k, top_p: sampling of ``predict``.
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        lr: float = 8e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.1,
+        decay_all: bool = False,
+        warmup: float = 0.05,
+        min_lr: float = 1e-6,
+        eps: float = 1e-8,
+        fused_adam: bool = True,
+        compile: bool = False,
+        generate_tokens: int = 64,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+        top_p: float | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(model, dict):
+            model = ModelConfig(**{k: v for k, v in model.items() if k != "layer_mixers"})
+        if lr <= 0 or min_lr < 0 or min_lr > lr:
+            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={lr}, min_lr={min_lr}")
+        if warmup < 0:
+            raise ValueError(f"warmup must be >= 0 (a fraction < 1 or a step count), got {warmup}")
+        self.save_hyperparameters(ignore=["model"])
+        # A plain dict keeps checkpoints loadable with torch.load(weights_only=True).
+        self.hparams["model"] = {k: v for k, v in asdict(model).items() if k != "layer_mixers"}
+        self.config = model
+        self.model = RATLanguageModel(model)
+        self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
+        self.test_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
+        self._step_started: float | None = None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` ids -> ``(B, T, V)`` logits."""
+        return self.model(input_ids)
+
+    def configure_model(self) -> None:
+        if self.hparams.compile and not isinstance(self.model, torch._dynamo.eval_frame.OptimizedModule):
+            self.model = torch.compile(self.model)
+
+    @staticmethod
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean cross-entropy over kept targets and their count.
+
+        Args:
+            logits: ``(B, T, V)``; targets: ``(B, T)`` with ``-100`` where no loss is taken.
+        """
+        total = F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        count = (targets != IGNORE_INDEX).sum()
+        return total / count.clamp(min=1), count
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        input_ids, targets = batch
+        loss, count = self.loss(self(input_ids), targets)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", torch.exp(loss.detach()))
+        self._log_throughput(input_ids.numel())
+        return loss
+
+    def _log_throughput(self, tokens: int) -> None:
+        now = time.perf_counter()
+        if self._step_started is not None:
+            elapsed = now - self._step_started
+            tokens_per_s = tokens * self.trainer.world_size / elapsed
+            self.log("train/tokens_per_s", tokens_per_s, prog_bar=True)
+            self.log("train/tokens_seen", float(self.trainer.global_step * tokens * self.trainer.world_size))
+        self._step_started = now
+
+    def on_train_epoch_start(self) -> None:
+        # Time between consecutive steps; the first step of an epoch waits for the loader.
+        self._step_started = None
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_perplexity)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_perplexity)
+
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, perplexity: Perplexity) -> None:
+        input_ids, targets = batch
+        logits = self(input_ids)
+        loss, count = self.loss(logits, targets)
+        perplexity.update(logits.float(), targets)
+        # Token-weighted mean over the whole split, not a mean of batch means.
+        self.log(f"{stage}/loss", loss, batch_size=int(count), sync_dist=True, prog_bar=True)
+        self.log(f"{stage}/ppl", perplexity, prog_bar=stage == "val")
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Continue each row's input ids; returns prompt and generated ids."""
+        prompt = batch[0]
+        out = generate(
+            self.model,
+            prompt,
+            self.hparams.generate_tokens,
+            self.hparams.temperature,
+            self.hparams.top_k,
+            self.hparams.top_p,
+        )
+        return {"prompt": prompt, "generated": out[:, prompt.shape[1] :]}
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = parameter_groups(self.model, self.hparams.weight_decay, self.hparams.decay_all)
+        fused = self.hparams.fused_adam and all(p.is_cuda for g in groups for p in g["params"])
+        optimizer = torch.optim.AdamW(
+            groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps, fused=fused or None
+        )
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = self.hparams.warmup
+        warmup_steps = int(warmup * total) if warmup < 1 else int(warmup)
+        scheduler = build_scheduler(optimizer, max(1, warmup_steps), total, self.hparams.min_lr / self.hparams.lr)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,25 @@
+"""Shared test helpers: seeded RNG per test and one closeness check that reports the error."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Tests never reach a hub; keep HF libraries offline even where a network exists.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, name: str = "") -> None:
+    """Relative error ``||a - e|| / ||e||`` below ``rtol``; NaN never passes."""
+    actual, expected = actual.double(), expected.double()
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    error = ((actual - expected).norm() / expected.norm().clamp(min=1e-30)).item()
+    assert error <= rtol, f"{name}: relative error {error:.3e} > {rtol:.1e}"
