@@ -31,9 +31,9 @@ class RATLightningCLI(LightningCLI):
     """LightningCLI with the data's tokenizer and sequence length linked into the model config."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.seq_len", "model.model.max_seq_len")
+        parser.link_arguments("data.seq_len", "model.config.max_seq_len")
         # The vocabulary is known only once the data module has read (or built) its tokenizer.
-        parser.link_arguments("data.vocab_size", "model.model.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
 
 
 def _run_prepare(args: list[str]) -> None:

@@ -3,7 +3,7 @@ validation and ``--help``; ``__post_init__`` rejects impossible shapes naming th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from rat_lightning.errors import ConfigError
@@ -49,7 +49,6 @@ class ModelConfig:
     """RMSNorm epsilon."""
     init_std: float = 0.02
     """Std of the normal init of every weight matrix and the embedding."""
-    layer_mixers: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "chunk_size", "n_groups", "window", "max_seq_len"):
@@ -78,7 +77,12 @@ class ModelConfig:
                 f"model.mixer lists {len(pattern)} names, which does not divide model.n_layers ({self.n_layers}); "
                 "give one name per layer or a pattern whose length divides n_layers"
             )
-        self.layer_mixers = pattern * (self.n_layers // len(pattern))
+
+    @property
+    def layer_mixers(self) -> list[str]:
+        """The mixer name of every layer (the pattern repeated to n_layers)."""
+        pattern = [self.mixer] if isinstance(self.mixer, str) else list(self.mixer)
+        return pattern * (self.n_layers // len(pattern))
 
     @property
     def head_dim(self) -> int:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.text import Perplexity
 
+from rat_lightning.errors import ConfigError
 from rat_lightning.model import ModelConfig, RATLanguageModel
 from rat_lightning.model.generation import generate
 from rat_lightning.training.optim import build_scheduler, parameter_groups
@@ -25,7 +26,7 @@ class LanguageModelModule(L.LightningModule):
     their count (so masked targets neither count nor dilute the mean).
 
     Args:
-        model: :class:`ModelConfig` of the network.
+        config: :class:`ModelConfig` of the network.
         lr: peak learning rate (paper 1.3B: 8e-4).
         betas: AdamW betas.
         weight_decay: AdamW decay of weight matrices.
@@ -42,7 +43,7 @@ class LanguageModelModule(L.LightningModule):
 
     def __init__(
         self,
-        model: ModelConfig,
+        config: ModelConfig,
         lr: float = 8e-4,
         betas: tuple[float, float] = (0.9, 0.95),
         weight_decay: float = 0.1,
@@ -58,17 +59,17 @@ class LanguageModelModule(L.LightningModule):
         top_p: float | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(model, dict):
-            model = ModelConfig(**{k: v for k, v in model.items() if k != "layer_mixers"})
+        if isinstance(config, dict):
+            config = ModelConfig(**config)
         if lr <= 0 or min_lr < 0 or min_lr > lr:
             raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={lr}, min_lr={min_lr}")
         if warmup < 0:
             raise ValueError(f"warmup must be >= 0 (a fraction < 1 or a step count), got {warmup}")
-        self.save_hyperparameters(ignore=["model"])
+        self.save_hyperparameters(ignore=["config"])
         # A plain dict keeps checkpoints loadable with torch.load(weights_only=True).
-        self.hparams["model"] = {k: v for k, v in asdict(model).items() if k != "layer_mixers"}
-        self.config = model
-        self.model = RATLanguageModel(model)
+        self.hparams["config"] = asdict(config)
+        self.config = config
+        self.model = RATLanguageModel(config)
         self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
         self.test_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
         self._step_started: float | None = None
@@ -78,8 +79,22 @@ class LanguageModelModule(L.LightningModule):
         return self.model(input_ids)
 
     def configure_model(self) -> None:
-        if self.hparams.compile and not isinstance(self.model, torch._dynamo.eval_frame.OptimizedModule):
-            self.model = torch.compile(self.model)
+        if self.hparams.compile:
+            # In place: parameter names stay free of a compile-wrapper prefix in checkpoints.
+            self.model.compile()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters", {}).get("config")
+        if saved is None:
+            return
+        current = asdict(self.config)
+        differ = {k: (saved.get(k), v) for k, v in current.items() if k != "max_seq_len" and saved.get(k) != v}
+        if differ:
+            details = ", ".join(f"config.{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differ.items())
+            raise ConfigError(
+                f"the checkpoint was trained with another model shape ({details}); use the checkpoint's "
+                "model config (and the tokenizer it was trained with) or start a new run without ckpt_path"
+            )
 
     @staticmethod
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
