@@ -1,0 +1,1 @@
+"""GPU benchmarks that write JSON (and plots) under docs/benchmarks/."""

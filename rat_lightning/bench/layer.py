@@ -1,0 +1,128 @@
+"""Layer benchmark: one RAT layer against attention and the floor parts, forward+backward.
+
+The configuration of the kernels issue: d_model 2048, 16 heads of 128, G=2, L=16, bf16,
+262,144 tokens per step, T in {4K, 16K, 64K, 128K}. Times are medians of
+``triton.testing.do_bench`` (warm-up excluded). Run on a GPU:
+
+    python -m rat_lightning.bench.layer docs/benchmarks/layer.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from rat_lightning.layers import RAT, Attention
+
+
+def _time(fn: Callable[[], object], warmup: int = 10, rep: int = 50) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def _fwd_bwd(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        module(x).backward(torch.ones_like(x))
+
+    return run
+
+
+def _forward(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        with torch.no_grad():
+            module(x)
+
+    return run
+
+
+def bench_layer(
+    tokens: int = 262_144,
+    d_model: int = 2048,
+    heads: int = 16,
+    groups: int = 2,
+    chunk_size: int = 16,
+    seq_lens: tuple[int, ...] = (4096, 16384, 65536, 131072),
+    dtype: torch.dtype = torch.bfloat16,
+    with_compiled_reference: bool = True,
+) -> list[dict]:
+    """Time RAT (default backend), RAT reference under torch.compile, attention, and the floor parts.
+
+    Returns:
+        One dict per (T, variant) with ``fwd_bwd_ms`` and ``fwd_ms``.
+    """
+    device = torch.device("cuda")
+    rows = []
+    for length in seq_lens:
+        batch = tokens // length
+        x = torch.randn(batch, length, d_model, device=device, dtype=dtype, requires_grad=True)
+        rat = RAT(d_model, heads, groups, chunk_size).to(device, dtype)
+        attention = Attention(d_model, heads).to(device, dtype)
+        variants: dict[str, torch.nn.Module] = {"rat": rat, "attention_sdpa": attention}
+        if with_compiled_reference:
+            from rat_lightning.ops.backend import forced_backend
+
+            ref = RAT(d_model, heads, groups, chunk_size).to(device, dtype)
+            ref.load_state_dict(rat.state_dict())
+
+            class _Reference(torch.nn.Module):
+                def __init__(self) -> None:
+                    super().__init__()
+                    self.inner = ref
+
+                def forward(self, inp: torch.Tensor) -> torch.Tensor:
+                    with forced_backend("reference"):
+                        return self.inner(inp)
+
+            variants["rat_reference_compiled"] = torch.compile(_Reference())
+        for name, module in variants.items():
+            try:
+                fwd_bwd = _time(_fwd_bwd(module, x))
+                fwd = _time(_forward(module, x))
+            except torch.OutOfMemoryError:
+                fwd_bwd = fwd = float("nan")
+            x.grad = None
+            torch.cuda.empty_cache()
+            rows.append({"T": length, "batch": batch, "variant": name, "fwd_bwd_ms": fwd_bwd, "fwd_ms": fwd})
+        # Floor parts: the projections alone, and flash SDPA over T/L keys (causal half).
+        w_in = torch.randn(rat.w_in.weight.shape, device=device, dtype=dtype, requires_grad=True)
+        w_out = torch.randn(d_model, d_model, device=device, dtype=dtype, requires_grad=True)
+
+        def projections() -> None:
+            (F.linear(F.linear(x, w_in)[..., :d_model], w_out)).sum().backward()
+
+        rows.append({"T": length, "batch": batch, "variant": "floor_projections", "fwd_bwd_ms": _time(projections)})
+        chunks = length // chunk_size
+        q = torch.randn(batch, heads, chunks, d_model // heads, device=device, dtype=dtype, requires_grad=True)
+
+        def summaries() -> None:
+            F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+
+        # T/L queries against T/L keys scaled by L queries per chunk: the same FLOPs as T
+        # queries against T/L keys with the causal half.
+        one = _time(summaries)
+        rows.append(
+            {"T": length, "batch": batch, "variant": "floor_chunk_attention", "fwd_bwd_ms": one * chunk_size}
+        )
+        del x, q, w_in, w_out, variants, rat, attention
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the table and write JSON to ``argv[0]`` if given."""
+    argv = sys.argv[1:] if argv is None else argv
+    rows = bench_layer()
+    for row in rows:
+        print(f"{row['T']:>7} {row['variant']:<26} fwd+bwd {row['fwd_bwd_ms']:8.2f} ms  fwd {row.get('fwd_ms', float('nan')):8.2f} ms")
+    if argv:
+        with open(argv[0], "w") as handle:
+            json.dump(rows, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
