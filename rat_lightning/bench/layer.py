@@ -64,21 +64,9 @@ def bench_layer(
         attention = Attention(d_model, heads).to(device, dtype)
         variants: dict[str, torch.nn.Module] = {"rat": rat, "attention_sdpa": attention}
         if with_compiled_reference:
-            from rat_lightning.ops.backend import forced_backend
-
-            ref = RAT(d_model, heads, groups, chunk_size).to(device, dtype)
-            ref.load_state_dict(rat.state_dict())
-
-            class _Reference(torch.nn.Module):
-                def __init__(self) -> None:
-                    super().__init__()
-                    self.inner = ref
-
-                def forward(self, inp: torch.Tensor) -> torch.Tensor:
-                    with forced_backend("reference"):
-                        return self.inner(inp)
-
-            variants["rat_reference_compiled"] = torch.compile(_Reference())
+            reference = RAT(d_model, heads, groups, chunk_size, backend="reference").to(device, dtype)
+            reference.load_state_dict(rat.state_dict())
+            variants["rat_reference_compiled"] = torch.compile(reference)
         for name, module in variants.items():
             try:
                 fwd_bwd = _time(_fwd_bwd(module, x))

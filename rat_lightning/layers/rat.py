@@ -54,10 +54,17 @@ class RAT(Mixer):
         chunk_size: int, L, paper: 16. L = 1 is attention with a gated value path; L >= T
             is a gated linear RNN.
         rope_base: float, RoPE base over chunk indices, default 10000.
+        backend: str, the ops' backend: "auto" (Triton on CUDA), "reference" or "triton".
     """
 
     def __init__(
-        self, d_model: int, n_heads: int, n_groups: int = 2, chunk_size: int = 16, rope_base: float = 10000.0
+        self,
+        d_model: int,
+        n_heads: int,
+        n_groups: int = 2,
+        chunk_size: int = 16,
+        rope_base: float = 10000.0,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         if n_heads % n_groups:
@@ -65,6 +72,7 @@ class RAT(Mixer):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
         self.n_heads, self.n_groups, self.chunk_size, self.rope_base = n_heads, n_groups, chunk_size, rope_base
+        self.backend = backend
         head_dim = d_model // n_heads
         self.sizes = [d_model, d_model, d_model, n_groups * head_dim, n_groups * head_dim]
         self.w_in = nn.Linear(d_model, sum(self.sizes), bias=False)
@@ -86,8 +94,10 @@ class RAT(Mixer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, T, d_model)`` -> ``(B, T, d_model)``; any T (a last partial chunk is fine)."""
         z, value, gate, query, key = self._project(x)
-        sx, sk = gated_recurrence(value, gate, key, gate_bias=self.gate_bias, chunk_size=self.chunk_size)
-        attn = chunk_attention(query, sk, sx, self.chunk_size, rope_base=self.rope_base)
+        sx, sk = gated_recurrence(
+            value, gate, key, gate_bias=self.gate_bias, chunk_size=self.chunk_size, backend=self.backend
+        )
+        attn = chunk_attention(query, sk, sx, self.chunk_size, rope_base=self.rope_base, backend=self.backend)
         return self.w_out(torch.sigmoid(z) * attn.flatten(2))
 
     def init_cache(self, batch_size: int, device: torch.device) -> RATCache:

@@ -33,12 +33,14 @@ class GatedRNN(Mixer):
         d_model: int, model width.
         n_heads: int, only splits channels into (H, P) for the recurrence op.
         max_seq_len: int, training length; sets the gate-bias init log(U(1, T - 1)).
+        backend: str, the recurrence op's backend ("auto", "reference", "triton").
     """
 
-    def __init__(self, d_model: int, n_heads: int, max_seq_len: int) -> None:
+    def __init__(self, d_model: int, n_heads: int, max_seq_len: int, backend: str = "auto") -> None:
         super().__init__()
         self.n_heads = n_heads
         self.max_seq_len = max_seq_len
+        self.backend = backend
         self.w_in = nn.Linear(d_model, 3 * d_model, bias=False)
         self.w_out = nn.Linear(d_model, d_model, bias=False)
         self.gate_bias = nn.Parameter(torch.zeros(n_heads, d_model // n_heads))
@@ -51,7 +53,7 @@ class GatedRNN(Mixer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, T, d_model)`` -> ``(B, T, d_model)``."""
         z, value, gate = (split_heads(t, self.n_heads) for t in self.w_in(x).chunk(3, dim=-1))
-        state, _ = gated_recurrence(value, gate, gate_bias=self.gate_bias)
+        state, _ = gated_recurrence(value, gate, gate_bias=self.gate_bias, backend=self.backend)
         return self.w_out((torch.sigmoid(z) * state).flatten(2))
 
     def init_cache(self, batch_size: int, device: torch.device) -> RNNCache:

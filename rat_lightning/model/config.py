@@ -49,6 +49,8 @@ class ModelConfig:
     """RMSNorm epsilon."""
     init_std: float = 0.02
     """Std of the normal init of every weight matrix and the embedding."""
+    backend: Literal["auto", "reference", "triton"] = "auto"
+    """Backend of the hot ops: auto = Triton kernels on CUDA, the PyTorch reference elsewhere."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "chunk_size", "n_groups", "window", "max_seq_len"):

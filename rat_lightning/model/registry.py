@@ -10,8 +10,8 @@ from rat_lightning.model.config import MIXER_NAMES, ModelConfig
 MIXERS: dict[str, Callable[[ModelConfig], Mixer]] = {
     "attention": lambda c: Attention(c.d_model, c.n_heads, None, c.rope_base),
     "local_attention": lambda c: Attention(c.d_model, c.n_heads, c.window, c.rope_base),
-    "rnn": lambda c: GatedRNN(c.d_model, c.n_heads, c.max_seq_len),
-    "rat": lambda c: RAT(c.d_model, c.n_heads, c.n_groups, c.chunk_size, c.rope_base),
+    "rnn": lambda c: GatedRNN(c.d_model, c.n_heads, c.max_seq_len, c.backend),
+    "rat": lambda c: RAT(c.d_model, c.n_heads, c.n_groups, c.chunk_size, c.rope_base, c.backend),
     "retention": lambda c: Retention(c.d_model, c.n_heads, c.rope_base),
 }
 assert tuple(MIXERS) == MIXER_NAMES, "MIXERS and MIXER_NAMES must list the same mixers"
