@@ -153,7 +153,8 @@ def _check_jsonl(path: Path, text_field: str) -> int:
                 obj = json.loads(line)
             except json.JSONDecodeError as error:
                 raise DataError(
-                    f"{path}:{line_number}: malformed JSON ({error.msg} at column {error.colno}); each line of a "
+                    f"{path}:{line_number}: malformed JSON at column {error.colno} ({error.msg.removesuffix(' at')}); "
+                    "each line of a "
                     f".jsonl/.json input must be one JSON object such as {{\"{text_field}\": \"...\"}}: "
                     "fix or remove that line"
                 ) from error
