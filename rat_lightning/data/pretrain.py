@@ -349,6 +349,15 @@ class PretrainDataModule(L.LightningDataModule):
                 f"the data in {self.data_dir} has vocab_size {shards.vocab_size}; run again (the data is now "
                 "prepared, so the real size is used)"
             )
+        # PITFALLS 5: ids at or above the model's vocabulary would index past its embedding.
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        model_vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        if _is_int(model_vocab) and model_vocab < shards.vocab_size:
+            raise DataError(
+                f"the model's vocab_size is {model_vocab} but the data in {self.data_dir} uses {shards.vocab_size} "
+                "token ids; set model.config.vocab_size to the data's (the CLI links it from data.vocab_size) "
+                "or prepare the data with the model's tokenizer"
+            )
         if self.tokenizer is not None:
             given = tokenizer_fingerprint(load_tokenizer(self.tokenizer))
             if given != shards.manifest["tokenizer_fingerprint"]:

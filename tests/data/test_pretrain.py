@@ -136,6 +136,15 @@ def test_given_tokenizer_must_be_the_data_s(prepared: Path, tmp_path: Path, make
     make(prepared, tokenizer=str(prepared / "tokenizer.json")).setup("fit")
 
 
+def test_model_with_a_smaller_vocabulary_is_refused(prepared: Path) -> None:
+    from types import SimpleNamespace
+
+    dm = make(prepared)
+    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(config=SimpleNamespace(vocab_size=300)))
+    with pytest.raises(DataError, match=rf"model's vocab_size is 300 but the data in .* uses {dm.vocab_size} token ids"):
+        dm.setup("fit")
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
