@@ -155,7 +155,7 @@ def _check_jsonl(path: Path, text_field: str) -> int:
                 raise DataError(
                     f"{path}:{line_number}: malformed JSON at column {error.colno} ({error.msg.removesuffix(' at')}); "
                     "each line of a "
-                    f".jsonl/.json input must be one JSON object such as {{\"{text_field}\": \"...\"}}: "
+                    f'.jsonl/.json input must be one JSON object such as {{"{text_field}": "..."}}: '
                     "fix or remove that line"
                 ) from error
             except UnicodeDecodeError as error:
@@ -165,7 +165,7 @@ def _check_jsonl(path: Path, text_field: str) -> int:
             if not isinstance(obj, dict):
                 raise DataError(
                     f"{path}:{line_number}: expected a JSON object, found {type(obj).__name__}; each line "
-                    f"must be one object such as {{\"{text_field}\": \"...\"}}"
+                    f'must be one object such as {{"{text_field}": "..."}}'
                 )
             if text_field not in obj:
                 keys = ", ".join(repr(k) for k in obj) or "none"
@@ -271,7 +271,9 @@ def _load_groups(files: list[_InputFile], text_field: str, cache_dir: str) -> li
                 kwargs["parse_agent_traces"] = False
         data_files = [str(f.path.resolve()) for f in group]
         try:
-            dataset = datasets.load_dataset(builder, data_files=data_files, split="train", cache_dir=cache_dir, **kwargs)
+            dataset = datasets.load_dataset(
+                builder, data_files=data_files, split="train", cache_dir=cache_dir, **kwargs
+            )
         except Exception as error:
             names = ", ".join(str(f.path) for f in group)
             raise DataError(f"could not read {names} with `datasets` ({type(error).__name__}: {error})") from error
@@ -401,8 +403,14 @@ def _clean_leftovers(directory: Path) -> None:
         name = entry.name
         if entry.is_dir() and name.startswith(".cache-"):
             shutil.rmtree(entry, ignore_errors=True)
-        elif entry.is_file() and name.endswith(".tmp") and (
-            name.startswith(".shard_") or name.startswith(f".{MANIFEST_NAME}.") or name.startswith(f".{TOKENIZER_NAME}.")
+        elif (
+            entry.is_file()
+            and name.endswith(".tmp")
+            and (
+                name.startswith(".shard_")
+                or name.startswith(f".{MANIFEST_NAME}.")
+                or name.startswith(f".{TOKENIZER_NAME}.")
+            )
         ):
             entry.unlink(missing_ok=True)
 
@@ -457,7 +465,9 @@ def prepare(
     _positive_int("num_proc", num_proc)
     _positive_int("batch_size", batch_size)
     if tokenizer is None and (not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE):
-        raise ConfigError(f"vocab_size must be an int >= {MIN_VOCAB_SIZE} (256 bytes + {EOS_TOKEN}), got {vocab_size!r}")
+        raise ConfigError(
+            f"vocab_size must be an int >= {MIN_VOCAB_SIZE} (256 bytes + {EOS_TOKEN}), got {vocab_size!r}"
+        )
     if not isinstance(text_field, str) or not text_field:
         raise ConfigError(f"text_field must be a non-empty string, got {text_field!r}")
 
@@ -520,7 +530,9 @@ def prepare(
         total = 0
         for tokens in _iter_token_arrays(tokenized):
             if tokens.size and int(tokens.max()) >= vocab:
-                raise DataError(f"token id {int(tokens.max())} >= vocab_size {vocab}; the tokenizer file is inconsistent")
+                raise DataError(
+                    f"token id {int(tokens.max())} >= vocab_size {vocab}; the tokenizer file is inconsistent"
+                )
             writer.write(tokens)
             total += int(tokens.size)
         shards = writer.close()
@@ -561,6 +573,11 @@ def prepare(
             stale.unlink()
     log.info(
         "prepared %d documents, %d tokens (vocab %d, %s) in %d shards: %s",
-        documents, total, vocab, dtype.name, len(shards), manifest_path,
+        documents,
+        total,
+        vocab,
+        dtype.name,
+        len(shards),
+        manifest_path,
     )
     return manifest_path

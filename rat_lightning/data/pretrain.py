@@ -219,7 +219,9 @@ class PretrainDataModule(L.LightningDataModule):
         if isinstance(source, (str, Path)):
             source = [str(source)]
         if source is not None and (not source or not all(isinstance(s, (str, Path)) and str(s) for s in source)):
-            raise ConfigError(f"data.source must be a non-empty list of files or glob patterns, or null; got {source!r}")
+            raise ConfigError(
+                f"data.source must be a non-empty list of files or glob patterns, or null; got {source!r}"
+            )
         if tokenizer is not None and (not isinstance(tokenizer, (str, Path)) or not str(tokenizer)):
             raise ConfigError(f"data.tokenizer must be a tokenizer.json path or null, got {tokenizer!r}")
         if not _is_int(vocab_size) or vocab_size < MIN_VOCAB_SIZE:
@@ -388,7 +390,11 @@ class PretrainDataModule(L.LightningDataModule):
         self.val_dataset = TokenWindows(shards, split, n_val, self.seq_len, eos, self.mask_eos_input)
         log.info(
             "data %s: %d tokens, %d training windows, %d validation windows of %d tokens",
-            self.data_dir, total, n_train, n_val, self.seq_len,
+            self.data_dir,
+            total,
+            n_train,
+            n_val,
+            self.seq_len,
         )
 
     def _tokens_needed(self) -> int:
@@ -466,7 +472,9 @@ class PretrainDataModule(L.LightningDataModule):
             if trainer.current_epoch != self._epoch:
                 self._epoch = trainer.current_epoch
                 self._consumed = 0
-            size = batch[0].shape[0] if isinstance(batch, (tuple, list)) and torch.is_tensor(batch[0]) else self.batch_size
+            size = (
+                batch[0].shape[0] if isinstance(batch, (tuple, list)) and torch.is_tensor(batch[0]) else self.batch_size
+            )
             self._consumed += size * trainer.world_size
         return batch
 
@@ -488,7 +496,9 @@ class PretrainDataModule(L.LightningDataModule):
         """
         missing = [k for k in ("epoch", "consumed_in_epoch", "seed", "fingerprint", "seq_len") if k not in state_dict]
         if missing:
-            raise DataError(f"the checkpoint's data state lacks {', '.join(missing)}; it was not saved by PretrainDataModule")
+            raise DataError(
+                f"the checkpoint's data state lacks {', '.join(missing)}; it was not saved by PretrainDataModule"
+            )
         if state_dict["fingerprint"] != self.fingerprint:
             raise DataError(
                 f"the data changed since the checkpoint: it was trained on data with fingerprint "

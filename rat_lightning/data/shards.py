@@ -38,7 +38,9 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
         raise DataError(f"cannot read {path} ({error}); {_rebuild(data_dir)}") from error
     if not isinstance(manifest, dict) or any(key not in manifest for key in _REQUIRED):
         missing = [key for key in _REQUIRED if not isinstance(manifest, dict) or key not in manifest]
-        raise DataError(f"{path} lacks {', '.join(missing)}; it was not written by `rat-lightning prepare`; {_rebuild(data_dir)}")
+        raise DataError(
+            f"{path} lacks {', '.join(missing)}; it was not written by `rat-lightning prepare`; {_rebuild(data_dir)}"
+        )
     if manifest["format_version"] > FORMAT_VERSION:
         raise DataError(
             f"{path} has format version {manifest['format_version']}, newer than this rat-lightning reads "
@@ -92,9 +94,11 @@ class TokenShards:
     def _shard_arrays(self) -> list[np.ndarray]:
         if self._maps is None:
             self._maps = [
-                np.memmap(self.data_dir / s["file"], dtype=self._dtype, mode="r", shape=(int(s["num_tokens"]),))
-                if int(s["num_tokens"])
-                else np.empty(0, dtype=self._dtype)
+                (
+                    np.memmap(self.data_dir / s["file"], dtype=self._dtype, mode="r", shape=(int(s["num_tokens"]),))
+                    if int(s["num_tokens"])
+                    else np.empty(0, dtype=self._dtype)
+                )
                 for s in self.manifest["shards"]
             ]
         return self._maps

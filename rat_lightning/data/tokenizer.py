@@ -46,9 +46,7 @@ def _save(tokenizer: Tokenizer, output: str | Path) -> None:
     atomic_write_bytes(output, tokenizer.to_str().encode("utf-8"))
 
 
-def train_tokenizer(
-    files: Sequence[str | Path], vocab_size: int, output: str | Path | None = None
-) -> Tokenizer:
+def train_tokenizer(files: Sequence[str | Path], vocab_size: int, output: str | Path | None = None) -> Tokenizer:
     """Train a byte-level BPE tokenizer on UTF-8 text files.
 
     Args:

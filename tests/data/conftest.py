@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -67,12 +68,12 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, documents: list[str]) -> 
 
 
 @pytest.fixture(scope="session")
-def make_docs():  # noqa: ANN201 - returns the factory function
+def make_docs() -> Callable[..., list[str]]:
     """The :func:`make_documents` factory (fixtures, so test modules need no import path tricks)."""
     return make_documents
 
 
 @pytest.fixture(scope="session")
-def write_txt():  # noqa: ANN201
+def write_txt() -> Callable[..., list[Path]]:
     """The :func:`write_text_files` helper."""
     return write_text_files

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,11 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from rat_lightning.data import DataError, TokenShards, prepare
-from rat_lightning.data import prepare as prepare_module_function  # noqa: F401 - the public name
 from rat_lightning.data.prepare import _ShardWriter, token_dtype
 from rat_lightning.data.tokenizer import EOS_TOKEN, tokenizer_fingerprint
+
+MakeDocs = Callable[..., list[str]]
+WriteTxt = Callable[..., list[Path]]
 
 
 def expected_stream(tokenizer_path: Path, documents: list[str]) -> np.ndarray:
@@ -45,7 +48,7 @@ def tokenizer_file(prepared: Path) -> Path:
     return prepared / "tokenizer.json"
 
 
-def test_txt_stream_manifest_and_shards(tmp_path: Path, make_docs, write_txt) -> None:  # noqa: ANN001
+def test_txt_stream_manifest_and_shards(tmp_path: Path, make_docs: MakeDocs, write_txt: WriteTxt) -> None:
     documents = make_docs(12, seed=11)
     write_txt(tmp_path / "raw", documents)
     manifest_path = prepare([str(tmp_path / "raw" / "*.txt")], str(tmp_path / "out"), vocab_size=300, shard_tokens=1000)
@@ -80,7 +83,9 @@ def test_txt_stream_manifest_and_shards(tmp_path: Path, make_docs, write_txt) ->
     assert names == ["manifest.json", *[s["file"] for s in manifest["shards"]], "tokenizer.json"]
 
 
-def test_jsonl_stream_with_extra_fields_and_custom_field(tmp_path: Path, tokenizer_file: Path, make_docs) -> None:  # noqa: ANN001
+def test_jsonl_stream_with_extra_fields_and_custom_field(
+    tmp_path: Path, tokenizer_file: Path, make_docs: MakeDocs
+) -> None:
     documents = make_docs(9, seed=12)
     write_jsonl(tmp_path / "a.jsonl", documents[:4], field="content")
     write_jsonl(tmp_path / "b.json", documents[4:], field="content")
@@ -93,7 +98,7 @@ def test_jsonl_stream_with_extra_fields_and_custom_field(tmp_path: Path, tokeniz
     np.testing.assert_array_equal(stream(tmp_path / "out"), expected_stream(tokenizer_file, documents))
 
 
-def test_parquet_stream(tmp_path: Path, tokenizer_file: Path, make_docs) -> None:  # noqa: ANN001
+def test_parquet_stream(tmp_path: Path, tokenizer_file: Path, make_docs: MakeDocs) -> None:
     import datasets
 
     documents = make_docs(10, seed=13)
@@ -103,7 +108,7 @@ def test_parquet_stream(tmp_path: Path, tokenizer_file: Path, make_docs) -> None
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["num_documents"] == 10
 
 
-def test_mixed_formats_keep_input_order(tmp_path: Path, tokenizer_file: Path, make_docs) -> None:  # noqa: ANN001
+def test_mixed_formats_keep_input_order(tmp_path: Path, tokenizer_file: Path, make_docs: MakeDocs) -> None:
     import datasets
 
     documents = make_docs(8, seed=14)
@@ -125,7 +130,9 @@ def test_literal_eos_text_is_not_a_document_boundary(tmp_path: Path, tokenizer_f
     np.testing.assert_array_equal(tokens, expected_stream(tokenizer_file, documents))
 
 
-def test_given_tokenizer_is_copied(tmp_path: Path, tokenizer_file: Path, make_docs, write_txt) -> None:  # noqa: ANN001
+def test_given_tokenizer_is_copied(
+    tmp_path: Path, tokenizer_file: Path, make_docs: MakeDocs, write_txt: WriteTxt
+) -> None:
     write_txt(tmp_path / "raw", make_docs(2, seed=15))
     prepare([str(tmp_path / "raw")], str(tmp_path / "out"), tokenizer=str(tokenizer_file))
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == tokenizer_file.read_bytes()
@@ -133,10 +140,18 @@ def test_given_tokenizer_is_copied(tmp_path: Path, tokenizer_file: Path, make_do
     assert manifest["tokenizer_fingerprint"] == tokenizer_fingerprint(Tokenizer.from_file(str(tokenizer_file)))
 
 
-def test_num_proc_gives_the_same_stream(tmp_path: Path, tokenizer_file: Path, make_docs, write_txt) -> None:  # noqa: ANN001
+def test_num_proc_gives_the_same_stream(
+    tmp_path: Path, tokenizer_file: Path, make_docs: MakeDocs, write_txt: WriteTxt
+) -> None:
     documents = make_docs(16, seed=16)
     write_txt(tmp_path / "raw", documents)
-    prepare([str(tmp_path / "raw" / "*.txt")], str(tmp_path / "out"), tokenizer=str(tokenizer_file), num_proc=2, batch_size=3)
+    prepare(
+        [str(tmp_path / "raw" / "*.txt")],
+        str(tmp_path / "out"),
+        tokenizer=str(tokenizer_file),
+        num_proc=2,
+        batch_size=3,
+    )
     np.testing.assert_array_equal(stream(tmp_path / "out"), expected_stream(tokenizer_file, documents))
 
 
@@ -174,7 +189,9 @@ def test_large_vocabulary_round_trips_through_uint32(tmp_path: Path) -> None:
     assert TokenShards(tmp_path / "out").dtype == np.dtype("<u4")
 
 
-def test_existing_output_needs_overwrite_and_overwrite_removes_stale_shards(tmp_path: Path, tokenizer_file: Path, make_docs, write_txt) -> None:  # noqa: ANN001, E501
+def test_existing_output_needs_overwrite_and_overwrite_removes_stale_shards(
+    tmp_path: Path, tokenizer_file: Path, make_docs: MakeDocs, write_txt: WriteTxt
+) -> None:
     write_txt(tmp_path / "raw", make_docs(3, seed=17))
     inputs = [str(tmp_path / "raw" / "*.txt")]
     out = tmp_path / "out"
@@ -195,7 +212,12 @@ class _Crash(RuntimeError):
 
 @pytest.mark.parametrize("where", ["mid_write", "second_shard_rename"])
 def test_crash_leaves_no_manifest_and_no_partial_shard(
-    tmp_path: Path, tokenizer_file: Path, make_docs, write_txt, monkeypatch: pytest.MonkeyPatch, where: str  # noqa: ANN001
+    tmp_path: Path,
+    tokenizer_file: Path,
+    make_docs: MakeDocs,
+    write_txt: WriteTxt,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
 ) -> None:
     documents = make_docs(10, seed=18)
     write_txt(tmp_path / "raw", documents)
@@ -236,11 +258,18 @@ def test_crash_leaves_no_manifest_and_no_partial_shard(
     np.testing.assert_array_equal(stream(out), expected_stream(tokenizer_file, documents))
 
 
-def test_cli_signature_parses(tmp_path: Path, make_docs, write_txt) -> None:  # noqa: ANN001
+def test_cli_signature_parses(tmp_path: Path, make_docs: MakeDocs, write_txt: WriteTxt) -> None:
     from jsonargparse import CLI
 
     write_txt(tmp_path / "raw", make_docs(3, seed=19))
-    args = ["--inputs", json.dumps([str(tmp_path / "raw" / "*.txt")]), "--output_dir", str(tmp_path / "out"), "--vocab_size", "300"]
+    args = [
+        "--inputs",
+        json.dumps([str(tmp_path / "raw" / "*.txt")]),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--vocab_size",
+        "300",
+    ]
     manifest = CLI(prepare, args=args, as_positional=False)
     assert Path(manifest) == tmp_path / "out" / "manifest.json" and Path(manifest).is_file()
 
@@ -282,7 +311,9 @@ def test_jsonl_line_that_is_not_an_object(tmp_path: Path) -> None:
 def test_jsonl_missing_field_lists_keys(tmp_path: Path) -> None:
     path = tmp_path / "nofield.jsonl"
     path.write_text('{"text": "fine"}\n\n{"body": "x", "id": 2}\n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"nofield\.jsonl:3: no field 'text' \(the object's keys: 'body', 'id'\).*--text_field"):
+    with pytest.raises(
+        DataError, match=r"nofield\.jsonl:3: no field 'text' \(the object's keys: 'body', 'id'\).*--text_field"
+    ):
         prepare([str(path)], str(tmp_path / "out"))
 
 

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from rat_lightning.data import DataError, PretrainDataModule, TokenShards
 from rat_lightning.data.pretrain import ResumableSampler
 from rat_lightning.errors import ConfigError
+
+MakeDocs = Callable[..., list[str]]
+WriteTxt = Callable[..., list[Path]]
+
 
 SEQ = 32
 
@@ -101,10 +105,12 @@ def test_vocab_and_eos_are_known_right_after_init(prepared: Path) -> None:
     assert dm.eos_id == manifest["eos_id"] == 0
 
 
-def test_source_is_prepared_at_construction(tmp_path: Path, make_docs, write_txt) -> None:  # noqa: ANN001
+def test_source_is_prepared_at_construction(tmp_path: Path, make_docs: MakeDocs, write_txt: WriteTxt) -> None:
     write_txt(tmp_path / "raw", make_docs(20, seed=21))
     data_dir = tmp_path / "prepared"
-    dm = PretrainDataModule(data_dir=str(data_dir), source=[str(tmp_path / "raw" / "*.txt")], vocab_size=300, seq_len=16)
+    dm = PretrainDataModule(
+        data_dir=str(data_dir), source=[str(tmp_path / "raw" / "*.txt")], vocab_size=300, seq_len=16
+    )
     manifest = json.loads((data_dir / "manifest.json").read_text())
     assert dm.vocab_size == manifest["vocab_size"] <= 300
     dm.prepare_data()  # already prepared: a no-op
@@ -125,7 +131,7 @@ def test_corpus_too_small(prepared: Path, full: torch.Tensor) -> None:
         dm.setup("fit")
 
 
-def test_given_tokenizer_must_be_the_data_s(prepared: Path, tmp_path: Path, make_docs) -> None:  # noqa: ANN001
+def test_given_tokenizer_must_be_the_data_s(prepared: Path, tmp_path: Path, make_docs: MakeDocs) -> None:
     from rat_lightning.data import train_tokenizer
 
     (tmp_path / "t.txt").write_text("".join(make_docs(5, seed=22)), encoding="utf-8")
@@ -141,7 +147,9 @@ def test_model_with_a_smaller_vocabulary_is_refused(prepared: Path) -> None:
 
     dm = make(prepared)
     dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(config=SimpleNamespace(vocab_size=300)))
-    with pytest.raises(DataError, match=rf"model's vocab_size is 300 but the data in .* uses {dm.vocab_size} token ids"):
+    with pytest.raises(
+        DataError, match=rf"model's vocab_size is 300 but the data in .* uses {dm.vocab_size} token ids"
+    ):
         dm.setup("fit")
 
 
@@ -168,7 +176,9 @@ def test_arguments_are_checked(prepared: Path, field: str, value: object, messag
     assert issubclass(ConfigError, ValueError)
 
 
-def test_state_dict_round_trip_and_mismatches(prepared: Path, tmp_path: Path, make_docs, write_txt) -> None:  # noqa: ANN001
+def test_state_dict_round_trip_and_mismatches(
+    prepared: Path, tmp_path: Path, make_docs: MakeDocs, write_txt: WriteTxt
+) -> None:
     dm = make(prepared, seed=5)
     dm.setup("fit")
     state = dm.state_dict()
@@ -187,5 +197,7 @@ def test_state_dict_round_trip_and_mismatches(prepared: Path, tmp_path: Path, ma
         make(prepared, seed=6).load_state_dict(state)
     write_txt(tmp_path / "raw", make_docs(40, seed=23))
     other = PretrainDataModule(data_dir=str(tmp_path / "other"), source=[str(tmp_path / "raw")], vocab_size=300, seed=5)
-    with pytest.raises(DataError, match=rf"the data changed since the checkpoint: .*{state['fingerprint']}.*{other.fingerprint}"):
+    with pytest.raises(
+        DataError, match=rf"the data changed since the checkpoint: .*{state['fingerprint']}.*{other.fingerprint}"
+    ):
         other.load_state_dict(state)

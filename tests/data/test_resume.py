@@ -7,6 +7,7 @@ epoch) must see the same batches in the same order, and on CPU the same losses b
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +18,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from rat_lightning.data import DataError, PretrainDataModule
+
+MakeDocs = Callable[..., list[str]]
+WriteTxt = Callable[..., list[Path]]
+
 
 SEQ = 128
 BATCH = 16
@@ -47,9 +52,13 @@ class Recorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
 
-def run(prepared: Path, root: Path, max_steps: int, ckpt_path: Path | None = None) -> tuple[Recorder, PretrainDataModule]:
+def run(
+    prepared: Path, root: Path, max_steps: int, ckpt_path: Path | None = None
+) -> tuple[Recorder, PretrainDataModule]:
     """Fit; a fresh run saves a checkpoint after every step into ``root``, a resumed run saves none."""
-    dm = PretrainDataModule(data_dir=str(prepared), seq_len=SEQ, batch_size=BATCH, val_fraction=0.05, val_max_windows=2, seed=42)
+    dm = PretrainDataModule(
+        data_dir=str(prepared), seq_len=SEQ, batch_size=BATCH, val_fraction=0.05, val_max_windows=2, seed=42
+    )
     torch.manual_seed(0)
     model = Recorder(dm.vocab_size)
     trainer = L.Trainer(
@@ -100,7 +109,9 @@ def test_resume_continues_the_same_batches(
     prepared: Path, tmp_path: Path, uninterrupted: tuple[Recorder, Path, int, int], where: str
 ) -> None:
     full, root, steps_per_epoch, max_steps = uninterrupted
-    step = {"mid_epoch": steps_per_epoch // 2, "end_of_epoch": steps_per_epoch, "later_epoch": steps_per_epoch + 3}[where]
+    step = {"mid_epoch": steps_per_epoch // 2, "end_of_epoch": steps_per_epoch, "later_epoch": steps_per_epoch + 3}[
+        where
+    ]
     checkpoint = root / f"step={step}.ckpt"
     state = torch.load(checkpoint, weights_only=False)["PretrainDataModule"]
     assert state["consumed_in_epoch"] == (step - (step > steps_per_epoch) * steps_per_epoch) * BATCH
@@ -118,7 +129,7 @@ def test_resume_continues_the_same_batches(
 
 
 def test_resume_on_changed_data_is_refused(
-    tmp_path: Path, uninterrupted: tuple[Recorder, Path, int, int], make_docs, write_txt  # noqa: ANN001
+    tmp_path: Path, uninterrupted: tuple[Recorder, Path, int, int], make_docs: MakeDocs, write_txt: WriteTxt
 ) -> None:
     _, root, _, max_steps = uninterrupted
     write_txt(tmp_path / "raw", make_docs(60, seed=31))

@@ -65,7 +65,9 @@ def test_missing_manifest(tmp_path: Path) -> None:
 
 def test_missing_shard(copy: Path) -> None:
     (copy / "shard_00001.bin").unlink()
-    with pytest.raises(DataError, match=r"shard .*shard_00001\.bin listed in the manifest is missing.*re-run `rat-lightning prepare"):
+    with pytest.raises(
+        DataError, match=r"shard .*shard_00001\.bin listed in the manifest is missing.*re-run `rat-lightning prepare"
+    ):
         TokenShards(copy)
 
 

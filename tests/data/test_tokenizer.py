@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ from tokenizers import Tokenizer, models
 from rat_lightning.data import DataError, load_tokenizer, train_tokenizer
 from rat_lightning.data.tokenizer import EOS_TOKEN, eos_id, tokenizer_fingerprint, train_tokenizer_from_iterator
 from rat_lightning.errors import ConfigError
+
+MakeDocs = Callable[..., list[str]]
+
 
 SAMPLES = [
     "Hello, world! Plain ASCII.",
@@ -26,7 +30,7 @@ SAMPLES = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory, make_docs) -> tuple[Tokenizer, Path]:  # noqa: ANN001
+def tokenizer(tmp_path_factory: pytest.TempPathFactory, make_docs: MakeDocs) -> tuple[Tokenizer, Path]:
     root = tmp_path_factory.mktemp("tok")
     corpus = root / "corpus.txt"
     corpus.write_text("\n".join(make_docs(30, seed=3)), encoding="utf-8")
@@ -62,7 +66,7 @@ def test_fingerprint_is_stable_across_save_and_load(tokenizer: tuple[Tokenizer, 
     assert sorted(p.name for p in path.parent.iterdir()) == ["corpus.txt", "tokenizer.json"]
 
 
-def test_training_is_deterministic_and_fingerprint_tells_tokenizers_apart(make_docs) -> None:  # noqa: ANN001
+def test_training_is_deterministic_and_fingerprint_tells_tokenizers_apart(make_docs: MakeDocs) -> None:
     texts = make_docs(10, seed=5)
     first = train_tokenizer_from_iterator(texts, vocab_size=300)
     second = train_tokenizer_from_iterator(texts, vocab_size=300)
