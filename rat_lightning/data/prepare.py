@@ -421,7 +421,7 @@ def _positive_int(name: str, value: Any) -> None:
 
 
 def prepare(
-    inputs: list[str],
+    inputs: list[str] | str,
     output_dir: str,
     tokenizer: str | None = None,
     vocab_size: int = 4096,
@@ -437,7 +437,7 @@ def prepare(
     with Hugging Face ``datasets`` (offline) and tokenized with ``Dataset.map``.
 
     Args:
-        inputs: files, folders or glob patterns. ``.txt``: each file is one document (UTF-8; line
+        inputs: files, folders or glob patterns (one, or a list; quote globs on the command line). ``.txt``: each file is one document (UTF-8; line
             endings become ``\\n``). ``.jsonl``/``.json``: one JSON object per line, text in
             ``text_field``. ``.parquet``: text in column ``text_field``.
         output_dir: folder for ``tokenizer.json``, ``shard_*.bin`` and ``manifest.json``.

@@ -258,20 +258,17 @@ def test_crash_leaves_no_manifest_and_no_partial_shard(
     np.testing.assert_array_equal(stream(out), expected_stream(tokenizer_file, documents))
 
 
-def test_cli_signature_parses(tmp_path: Path, make_docs: MakeDocs, write_txt: WriteTxt) -> None:
+@pytest.mark.parametrize("form", ["list", "single"])
+def test_cli_signature_parses(tmp_path: Path, make_docs: MakeDocs, write_txt: WriteTxt, form: str) -> None:
     from jsonargparse import CLI
 
     write_txt(tmp_path / "raw", make_docs(3, seed=19))
-    args = [
-        "--inputs",
-        json.dumps([str(tmp_path / "raw" / "*.txt")]),
-        "--output_dir",
-        str(tmp_path / "out"),
-        "--vocab_size",
-        "300",
-    ]
+    pattern = str(tmp_path / "raw" / "*.txt")
+    inputs = json.dumps([pattern]) if form == "list" else pattern
+    args = ["--inputs", inputs, "--output_dir", str(tmp_path / "out"), "--vocab_size", "300"]
     manifest = CLI(prepare, args=args, as_positional=False)
-    assert Path(manifest) == tmp_path / "out" / "manifest.json" and Path(manifest).is_file()
+    assert Path(manifest) == tmp_path / "out" / "manifest.json"
+    assert json.loads(Path(manifest).read_text())["num_documents"] == 3
 
 
 # Bad input: each is a DataError that names the file (and line) and the fix.
