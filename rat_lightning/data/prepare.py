@@ -437,9 +437,10 @@ def prepare(
     with Hugging Face ``datasets`` (offline) and tokenized with ``Dataset.map``.
 
     Args:
-        inputs: files, folders or glob patterns (one, or a list; quote globs on the command line). ``.txt``: each file is one document (UTF-8; line
-            endings become ``\\n``). ``.jsonl``/``.json``: one JSON object per line, text in
-            ``text_field``. ``.parquet``: text in column ``text_field``.
+        inputs: files, folders or glob patterns, one or a list (quote globs on the command line).
+            ``.txt``: each file is one document (UTF-8; line endings become ``\\n``).
+            ``.jsonl``/``.json``: one JSON object per line, text in ``text_field``. ``.parquet``:
+            text in column ``text_field``.
         output_dir: folder for ``tokenizer.json``, ``shard_*.bin`` and ``manifest.json``.
         tokenizer: an existing ``tokenizer.json`` to use (copied into output_dir); None trains a
             byte-level BPE of ``vocab_size`` on the inputs.
