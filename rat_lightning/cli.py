@@ -15,15 +15,14 @@ from rat_lightning.errors import ConfigError
 
 log = logging.getLogger("rat_lightning")
 
+# Defaults for runs whose config names no logger: TensorBoard under runs/. Checkpointing is
+# configured per run (configs/quickstart.yaml); callbacks here would be persistent and not
+# configurable, so there are none.
 TRAINER_DEFAULTS = {
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": "runs", "name": "default"},
     },
-    "callbacks": [
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}},
-        {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor", "init_args": {"logging_interval": "step"}},
-    ],
 }
 
 
@@ -57,11 +56,11 @@ def main(args: list[str] | None = None) -> RATLightningCLI | None:
     from rat_lightning.data import DataError, PretrainDataModule
     from rat_lightning.training import LanguageModelModule
 
-    args = sys.argv[1:] if args is None else list(args)
+    argv = sys.argv[1:] if args is None else list(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        if args[:1] == ["prepare"]:
-            _run_prepare(args[1:])
+        if argv[:1] == ["prepare"]:
+            _run_prepare(argv[1:])
             return None
         return RATLightningCLI(
             LanguageModelModule,

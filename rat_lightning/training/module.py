@@ -88,7 +88,9 @@ class LanguageModelModule(L.LightningModule):
         if saved is None:
             return
         current = asdict(self.config)
-        differ = {k: (saved.get(k), v) for k, v in current.items() if k != "max_seq_len" and saved.get(k) != v}
+        # Fields that change neither the weights nor their meaning may differ.
+        free = {"max_seq_len", "backend", "init_std"}
+        differ = {k: (saved.get(k), v) for k, v in current.items() if k not in free and saved.get(k) != v}
         if differ:
             details = ", ".join(f"config.{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differ.items())
             raise ConfigError(
