@@ -10,6 +10,11 @@ import torch
 # Tests never reach a hub; keep HF libraries offline even where a network exists.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Without a GPU, Triton kernels (backend="triton" tests) run under the interpreter on CPU tensors.
+# Triton reads the variable when `triton.jit` decorates a function, its own `tl.sum` & co. at
+# `import triton` included, and torch.compile tests import triton early: so it is set here, first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from rat_lightning.ops.backend import resolve_backend
@@ -12,6 +14,10 @@ from rat_lightning.ops.recurrence.reference import (
 )
 
 __all__ = ["gated_recurrence", "gated_recurrence_step", "gated_recurrence_stepwise"]
+
+# The Triton module is imported on first use: its kernels are built (or set up for the
+# interpreter, TRITON_INTERPRET=1) when it is imported, and CPU-only installs never need it.
+_AVAILABLE = ("triton",) if importlib.util.find_spec("triton") is not None else ()
 
 
 def gated_recurrence(
@@ -34,7 +40,7 @@ def gated_recurrence(
         chunk_size: restart every ``chunk_size`` tokens (RAT), or None (full sequence).
         initial_state: ``(sx, sk)`` each ``(B, H, P)``; full-sequence form only.
         backend: ``"auto"`` (Triton on CUDA where a kernel exists, else reference),
-            ``"reference"`` or ``"triton"``.
+            ``"reference"`` or ``"triton"`` (also CPU tensors under TRITON_INTERPRET=1).
 
     Returns:
         ``(sx, sk)`` of shape ``(B, T, H, P)`` in x's dtype; sk is None when k is None.
@@ -55,5 +61,17 @@ def gated_recurrence(
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if initial_state is not None and chunk_size is not None:
         raise ValueError("initial_state is only defined for the full-sequence form (chunk_size=None)")
-    resolve_backend(backend, x, available=())
+    if initial_state is not None:
+        state_shape = (x.shape[0], x.shape[2], x.shape[3])
+        sx0, sk0 = initial_state
+        sk0_ok = sk0 is None if k is None else (sk0 is not None and sk0.shape == state_shape)
+        if sx0.shape != state_shape or not sk0_ok:
+            raise ValueError(
+                f"initial_state must be (sx, sk) of shape (batch, heads, head_dim) = {state_shape}, with sk "
+                "given exactly when k is"
+            )
+    if resolve_backend(backend, x, available=_AVAILABLE) == "triton":
+        from rat_lightning.ops.recurrence.triton import gated_recurrence_triton
+
+        return gated_recurrence_triton(x, g, k, gate_bias, chunk_size, initial_state)
     return gated_recurrence_chunked(x, g, k, gate_bias, chunk_size, initial_state)

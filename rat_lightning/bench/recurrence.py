@@ -1,0 +1,170 @@
+"""Gated-recurrence benchmark: the Triton kernels against the reference, forward and forward+backward.
+
+The configuration of the kernels issue: 262,144 tokens per step, d = 2048 (16 heads of 128),
+G = 2 key groups, bf16, T in {4K, 16K, 64K, 128K} (batch = tokens / T), the restart form at L = 16
+(RAT) and the full-sequence form (RAT+ / gated RNN). Times are medians of
+``triton.testing.do_bench``. Run on a GPU:
+
+    python -m rat_lightning.bench.recurrence docs/benchmarks/recurrence.json
+
+Bytes are the minimum any implementation moves (each input read once, each output written once):
+forward reads x, g (d each) and k (G * P) and writes sx, sk (d each); backward reads dsx, dsk, x, g,
+k and the saved sx, sk, and writes dx, dg, dk. The full-sequence form reads x, g, k (forward) and
+dsx, dsk, g (backward) once more for its block summaries, so its achieved GB/s understates its
+bandwidth use.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+
+import torch
+
+from rat_lightning.ops import gated_recurrence
+
+# Tokens of the correctness check (a slice of the timed inputs, fp32 reference).
+_CHECK_TOKENS = 65_536
+_CHECK_RTOL = 2e-2
+
+
+def _time(fn: Callable[[], object], grad_to_none: list[torch.Tensor] | None = None) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"))
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def _check(
+    x: torch.Tensor, g: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, chunk_size: int | None
+) -> float:
+    """Largest relative error of Triton (bf16 in, fp32 inside) against the fp32 reference of the
+    same inputs, over the outputs and every input gradient, on a slice of the batch and time."""
+    batch, length = x.shape[:2]
+    rows = max(1, min(batch, _CHECK_TOKENS // length))
+    steps = min(length, _CHECK_TOKENS)
+    leaves = [t[:rows, :steps].detach().clone().requires_grad_() for t in (x, g, k)]
+    leaves.append(bias.detach().clone().requires_grad_())
+    xs, gs, ks, bs = leaves
+    out = gated_recurrence(xs, gs, ks, gate_bias=bs, chunk_size=chunk_size, backend="triton")
+    upstream = [torch.randn_like(s) for s in out]
+    grads = torch.autograd.grad(out, leaves, upstream)
+    ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
+    xr, gr, kr, br = ref_leaves
+    ref = gated_recurrence(xr, gr, kr, gate_bias=br, chunk_size=chunk_size, backend="reference")
+    ref_grads = torch.autograd.grad(ref, ref_leaves, [u.float() for u in upstream])
+    errors = [_relative_error(a, b) for a, b in zip((*out, *grads), (*ref, *ref_grads))]
+    return max(errors)
+
+
+def _fla_hgrn_rows(x: torch.Tensor, g: torch.Tensor) -> list[dict]:
+    """flash-linear-attention's chunked HGRN on x alone (one state per channel), if installed."""
+    try:
+        from fla.ops.hgrn import chunk_hgrn
+    except ImportError:
+        return []
+    batch, length = x.shape[:2]
+    xf = (torch.sigmoid(-g.float()) * x.float()).to(x.dtype).flatten(2).requires_grad_()
+    gf = torch.nn.functional.logsigmoid(g.float()).flatten(2).requires_grad_()
+    fwd_ms = _time(lambda: chunk_hgrn(xf, gf))
+    upstream = torch.randn_like(xf)
+
+    def fwd_bwd() -> None:
+        out, _ = chunk_hgrn(xf, gf)
+        out.backward(upstream)
+
+    return [{"impl": "fla_chunk_hgrn_x_only", "T": length, "batch": batch, "fwd_ms": fwd_ms,
+             "fwd_bwd_ms": _time(fwd_bwd, grad_to_none=[xf, gf])}]  # fmt: skip
+
+
+def bench_recurrence(
+    tokens: int = 262_144,
+    d: int = 2048,
+    heads: int = 16,
+    groups: int = 2,
+    seq_lens: tuple[int, ...] = (4096, 16384, 65536, 131072),
+    dtype: torch.dtype = torch.bfloat16,
+    chunk_size: int = 16,
+) -> list[dict]:
+    """Check and time the Triton recurrence per sequence length, restart and full-sequence forms.
+
+    Args:
+        tokens: batch * T per step.
+        d, heads, groups: model width, heads (head dim d / heads) and key groups G.
+        seq_lens: the T values; batch = tokens // T.
+        dtype: input dtype.
+        chunk_size: L of the restart form.
+
+    Returns:
+        One dict per (T, form): ``fwd_ms``, ``fwd_bwd_ms``, model bytes and achieved GB/s for
+        both, and ``max_rel_error`` against the fp32 reference (``ok`` when below 2e-2).
+    """
+    device = torch.device("cuda")
+    dim = d // heads
+    elem = torch.tensor([], dtype=dtype).element_size()
+    fwd_bytes = tokens * elem * (4 * d + groups * dim)
+    bwd_bytes = tokens * elem * (8 * d + 2 * groups * dim)
+    rows: list[dict] = []
+    for length in seq_lens:
+        batch = tokens // length
+        x = torch.randn(batch, length, heads, dim, device=device, dtype=dtype, requires_grad=True)
+        g = (2 * torch.randn(batch, length, heads, dim, device=device)).to(dtype).requires_grad_()
+        k = torch.randn(batch, length, groups, dim, device=device, dtype=dtype, requires_grad=True)
+        bias = torch.randn(heads, dim, device=device, requires_grad=True)
+        for form, chunk in (("restart_L%d" % chunk_size, chunk_size), ("full_sequence", None)):
+            error = _check(x, g, k, bias, chunk)
+            torch.cuda.empty_cache()
+
+            def forward(chunk: int | None = chunk) -> None:
+                with torch.no_grad():
+                    gated_recurrence(x, g, k, gate_bias=bias, chunk_size=chunk, backend="triton")
+
+            sx0, sk0 = gated_recurrence(x, g, k, gate_bias=bias, chunk_size=chunk, backend="triton")
+            upstream = (torch.randn_like(sx0), torch.randn_like(sk0))
+            del sx0, sk0
+
+            def forward_backward(chunk: int | None = chunk) -> None:
+                out = gated_recurrence(x, g, k, gate_bias=bias, chunk_size=chunk, backend="triton")
+                torch.autograd.backward(out, upstream)
+
+            fwd_ms = _time(forward)
+            fwd_bwd_ms = _time(forward_backward, grad_to_none=[x, g, k, bias])
+            rows.append({
+                "impl": "triton", "form": form, "T": length, "batch": batch, "d": d, "heads": heads,
+                "groups": groups, "dtype": str(dtype).removeprefix("torch."),
+                "fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms,
+                "fwd_gb": fwd_bytes / 1e9, "fwd_bwd_gb": (fwd_bytes + bwd_bytes) / 1e9,
+                "fwd_gbps": fwd_bytes / fwd_ms / 1e6, "fwd_bwd_gbps": (fwd_bytes + bwd_bytes) / fwd_bwd_ms / 1e6,
+                "max_rel_error": error, "ok": error < _CHECK_RTOL,
+            })  # fmt: skip
+            del upstream
+            torch.cuda.empty_cache()
+        rows.extend(_fla_hgrn_rows(x.detach(), g.detach()))
+        del x, g, k, bias
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _table(rows: list[dict]) -> str:
+    head = f"{'impl':<24}{'form':<16}{'T':>8}{'B':>5}{'fwd ms':>9}{'GB/s':>7}{'f+b ms':>9}{'GB/s':>7}{'err':>10}"
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"{r['impl']:<24}{r.get('form', '-'):<16}{r['T']:>8}{r['batch']:>5}{r['fwd_ms']:>9.3f}"
+            f"{r.get('fwd_gbps', float('nan')):>7.0f}{r['fwd_bwd_ms']:>9.3f}{r.get('fwd_bwd_gbps', float('nan')):>7.0f}"
+            f"{r.get('max_rel_error', float('nan')):>10.1e}"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    results = bench_recurrence()
+    print(_table(results))
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "rows": results}, f, indent=2)

@@ -1,0 +1,732 @@
+"""Triton kernels for the gated linear recurrence (maths in :mod:`.reference`).
+
+    a_t = sigmoid(g_t + bias),  1 - a_t = sigmoid(-(g_t + bias))
+    s_t = a_t s_{t-1} + (1 - a_t) v_t          v in {x, k repeated from G groups to H heads}
+
+Layout. Inputs ``(B, T, H, P)`` (k: ``(B, T, G, P)``) with the ``(H, P)`` part contiguous; the
+batch and time strides are free, so the slices of a fused projection need no copy. One program
+owns a tile ``[NC, BH, BP]``: NC time blocks (chunks), the BH heads of one key group (so k is read
+once per group and dk is reduced over the group's heads in registers), and BP channels of the
+head dimension. It walks the CHUNK positions of its blocks one by one; each step is one coalesced
+load of x, g and k and one store of sx and sk for all NC blocks at once.
+
+Restart form (chunk_size = L): CHUNK = L and every block is independent: one pass. (L >= T never
+restarts and runs as the full-sequence form.)
+
+Full-sequence form: a chunked parallel scan over time blocks of ``FULL_SEQUENCE_BLOCK`` tokens:
+  1. ``recurrence_fwd_kernel_chunk`` (SUMMARY) scans each block from zero and writes only its
+     final state and its gate product (fp32, ``(B, NB, H, P)``),
+  2. ``recurrence_kernel_carry`` runs the recurrence over blocks (sequential over blocks,
+     parallel over batch and channels; U blocks at a time with ``tl.associative_scan``) and writes
+     every block's incoming state,
+  3. ``recurrence_fwd_kernel_chunk`` scans each block again from its incoming state and writes the
+     states (recomputing reads x, g, k twice but writes each state once, which moves fewer bytes
+     than storing local states and fixing them up).
+The backward is the same three passes run backwards in time, with the gradient that reaches the
+block from its right as the carry. It reads s_{t-1} from the saved outputs, writes dk summed over
+the group's heads and, per program, the sum of dg over its tokens (summed in torch for the bias).
+
+Numerics: fp32 state and arithmetic, inputs cast on load, outputs cast on store; a and 1 - a
+each without a subtraction (exact near a = 1, like the reference's sigmoid(-g)); offsets over
+batch and time in int64 (PITFALLS 11).
+
+Both directions are torch custom ops (``rat_lightning::gated_recurrence_fwd`` / ``_bwd``) with
+fake implementations and registered autograd, so torch.compile sees opaque calls (PITFALLS 4).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Kernels are interpreted (on CPU tensors) when TRITON_INTERPRET=1 was set before this import:
+# triton reads it when `triton.jit` decorates them.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+# Time block of the full-sequence scan (tokens per block in passes 1 and 3).
+FULL_SEQUENCE_BLOCK = 64
+# Blocks combined per step of the carry pass (rows of its associative scan).
+CARRY_BLOCKS = 32
+
+
+@triton.jit
+def _combine2(a1, x1, a2, x2):
+    # Compose s -> a1 s + x1 then s -> a2 s + x2.
+    return a1 * a2, a2 * x1 + x2
+
+
+@triton.jit
+def _combine3(a1, x1, k1, a2, x2, k2):
+    return a1 * a2, a2 * x1 + x2, a2 * k1 + k2
+
+
+@triton.jit
+def _gates(b_g):
+    """``(a, 1 - a) = (sigmoid(g), sigmoid(-g))`` from one exp(-|g|), neither by subtraction:
+    near a = 1 (or 0) the small one keeps its full relative precision, as in the reference."""
+    b_e = tl.exp(-tl.abs(b_g))
+    b_big = 1.0 / (1.0 + b_e)
+    b_small = b_e * b_big
+    m_pos = b_g >= 0
+    return tl.where(m_pos, b_big, b_small), tl.where(m_pos, b_small, b_big)
+
+
+@triton.jit
+def recurrence_fwd_kernel_chunk(
+    x,
+    g,
+    k,
+    bias,
+    h0x,
+    h0k,
+    sx,
+    sk,
+    hx,
+    hk,
+    ha,
+    stride_xb,
+    stride_xt,
+    stride_gb,
+    stride_gt,
+    stride_kb,
+    stride_kt,
+    T,
+    NB,
+    NBT,
+    H: tl.constexpr,
+    P: tl.constexpr,
+    G: tl.constexpr,
+    HPG: tl.constexpr,
+    CHUNK: tl.constexpr,
+    NC: tl.constexpr,
+    BH: tl.constexpr,
+    BP: tl.constexpr,
+    NPB: tl.constexpr,
+    HAS_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    SUMMARY: tl.constexpr,
+):
+    """Scan NC blocks of CHUNK tokens for BH heads x BP channels.
+
+    Args (tensors): x, g ``(B, T, H, P)``; k ``(B, T, G, P)``; bias ``(H, P)``; h0x, h0k
+    ``(B * NB, H, P)`` fp32 incoming state per block (HAS_H0); sx, sk ``(B, T, H, P)`` outputs
+    (not SUMMARY); hx, hk, ha ``(B * NB, H, P)`` fp32 final local state and gate product per
+    block (SUMMARY). NB blocks per sequence, NBT = B * NB in all.
+    """
+    i_n, i_c = tl.program_id(0), tl.program_id(1)
+    i_g, i_pb = i_c // NPB, i_c % NPB
+    # Blocks of this program: flat index o_n = batch * NB + block.
+    o_n = i_n * NC + tl.arange(0, NC)
+    m_n = o_n < NBT
+    o_b = (o_n // NB).to(tl.int64)
+    o_t0 = (o_n % NB) * CHUNK
+    o_hh = tl.arange(0, BH)
+    o_p = i_pb * BP + tl.arange(0, BP)
+    m_p = o_p < P
+    # Channels within a token: the group's heads, and the key group's own channels.
+    o_d = (i_g * HPG + o_hh)[:, None] * P + o_p[None, :]
+    m_d = (o_hh < HPG)[:, None] & m_p[None, :]
+    o_dk = i_g * P + o_p
+
+    if HAS_BIAS:
+        b_bias = tl.load(bias + o_d, mask=m_d, other=0.0).to(tl.float32)
+    o_h = o_n.to(tl.int64)[:, None, None] * (H * P) + o_d[None, :, :]
+    m_h = m_n[:, None, None] & m_d[None, :, :]
+    if HAS_H0:
+        b_hx = tl.load(h0x + o_h, mask=m_h, other=0.0)
+        if HAS_K:
+            b_hk = tl.load(h0k + o_h, mask=m_h, other=0.0)
+    else:
+        b_hx = tl.zeros([NC, BH, BP], dtype=tl.float32)
+        if HAS_K:
+            b_hk = tl.zeros([NC, BH, BP], dtype=tl.float32)
+    if SUMMARY:
+        b_A = tl.full([NC, BH, BP], 1.0, dtype=tl.float32)
+
+    for i in range(CHUNK):
+        o_t = (o_t0 + i).to(tl.int64)
+        m_t = m_n & (o_t < T)
+        m = m_t[:, None, None] & m_d[None, :, :]
+        p_g = g + (o_b * stride_gb + o_t * stride_gt)[:, None, None] + o_d[None, :, :]
+        b_g = tl.load(p_g, mask=m, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            b_g = b_g + b_bias[None, :, :]
+        b_a, b_1ma = _gates(b_g)
+        if SUMMARY:
+            # Positions past T leave the state as it is, so it ends at the last token.
+            b_a = tl.where(m, b_a, 1.0)
+            b_1ma = tl.where(m, b_1ma, 0.0)
+            b_A = b_A * b_a
+        p_x = x + (o_b * stride_xb + o_t * stride_xt)[:, None, None] + o_d[None, :, :]
+        b_x = tl.load(p_x, mask=m, other=0.0).to(tl.float32)
+        b_hx = b_a * b_hx + b_1ma * b_x
+        # Outputs are contiguous (B, T, H, P): row b * T + t.
+        o_s = (o_b * T + o_t)[:, None, None] * (H * P) + o_d[None, :, :]
+        if not SUMMARY:
+            tl.store(sx + o_s, b_hx.to(sx.dtype.element_ty), mask=m)
+        if HAS_K:
+            # One load of the group's key serves its HPG heads.
+            p_k = k + (o_b * stride_kb + o_t * stride_kt)[:, None] + o_dk[None, :]
+            b_k = tl.load(p_k, mask=m_t[:, None] & m_p[None, :], other=0.0).to(tl.float32)
+            b_hk = b_a * b_hk + b_1ma * b_k[:, None, :]
+            if not SUMMARY:
+                tl.store(sk + o_s, b_hk.to(sk.dtype.element_ty), mask=m)
+
+    if SUMMARY:
+        tl.store(hx + o_h, b_hx, mask=m_h)
+        tl.store(ha + o_h, b_A, mask=m_h)
+        if HAS_K:
+            tl.store(hk + o_h, b_hk, mask=m_h)
+
+
+@triton.jit
+def recurrence_kernel_carry(
+    ha,
+    hx,
+    hk,
+    s0x,
+    s0k,
+    cx,
+    ck,
+    fx,
+    fk,
+    NB,
+    D: tl.constexpr,
+    U: tl.constexpr,
+    BC: tl.constexpr,
+    HAS_K: tl.constexpr,
+    HAS_S0: tl.constexpr,
+    REVERSE: tl.constexpr,
+):
+    """Recurrence over blocks: ``c <- A_j c + h_j`` per channel, for the x and k parts.
+
+    Forward (REVERSE False): blocks in order from ``s0`` (the initial state, or zero); writes the
+    state entering block j to row j of cx, ck and the final state to fx, fk ``(B, D)``.
+    Backward (REVERSE True): blocks in reverse from zero (h_j is the gradient a block passes to
+    its left, A_j its gate product); writes the gradient entering block j from its right to row
+    j and the gradient of the initial state to fx, fk.
+
+    Args (tensors): ha, hx, hk, cx, ck ``(B * NB, D)`` fp32; s0x, s0k ``(B, D)`` any float dtype.
+    """
+    i_b, i_c = tl.program_id(0), tl.program_id(1)
+    o_c = i_c * BC + tl.arange(0, BC)
+    m_c = o_c < D
+    o_b = i_b.to(tl.int64)
+    if REVERSE:
+        o_first = (o_b * NB + NB - 1) * D + o_c
+    else:
+        o_first = o_b * NB * D + o_c
+    if HAS_S0:
+        b_cx = tl.load(s0x + o_b * D + o_c, mask=m_c, other=0.0).to(tl.float32)
+        if HAS_K:
+            b_ck = tl.load(s0k + o_b * D + o_c, mask=m_c, other=0.0).to(tl.float32)
+    else:
+        b_cx = tl.zeros([BC], dtype=tl.float32)
+        if HAS_K:
+            b_ck = tl.zeros([BC], dtype=tl.float32)
+    tl.store(cx + o_first, b_cx, mask=m_c)
+    if HAS_K:
+        tl.store(ck + o_first, b_ck, mask=m_c)
+
+    for i0 in range(0, NB, U):
+        # o_u: position in the order of the recurrence; o_j: the block it reads.
+        o_u = i0 + tl.arange(0, U)
+        m_u = o_u < NB
+        if REVERSE:
+            o_j = NB - 1 - o_u
+            o_next = o_j - 1
+        else:
+            o_j = o_u
+            o_next = o_j + 1
+        m = m_u[:, None] & m_c[None, :]
+        o_row = (o_b * NB + o_j)[:, None] * D + o_c[None, :]
+        # Rows past the last block are the identity (A = 1, h = 0): the scan's last row is the total.
+        b_A = tl.load(ha + o_row, mask=m, other=1.0)
+        b_hx = tl.load(hx + o_row, mask=m, other=0.0)
+        if HAS_K:
+            b_hk = tl.load(hk + o_row, mask=m, other=0.0)
+            b_A, b_hx, b_hk = tl.associative_scan((b_A, b_hx, b_hk), 0, _combine3)
+            b_hk = b_hk + b_A * b_ck[None, :]
+        else:
+            b_A, b_hx = tl.associative_scan((b_A, b_hx), 0, _combine2)
+        b_hx = b_hx + b_A * b_cx[None, :]
+        m_next = m & ((o_next >= 0) & (o_next < NB))[:, None]
+        o_next_row = (o_b * NB + o_next)[:, None] * D + o_c[None, :]
+        tl.store(cx + o_next_row, b_hx, mask=m_next)
+        m_last = (o_u == i0 + U - 1)[:, None]
+        b_cx = tl.sum(tl.where(m_last, b_hx, 0.0), axis=0)
+        if HAS_K:
+            tl.store(ck + o_next_row, b_hk, mask=m_next)
+            b_ck = tl.sum(tl.where(m_last, b_hk, 0.0), axis=0)
+
+    tl.store(fx + o_b * D + o_c, b_cx, mask=m_c)
+    if HAS_K:
+        tl.store(fk + o_b * D + o_c, b_ck, mask=m_c)
+
+
+@triton.jit
+def recurrence_bwd_kernel_chunk(
+    x,
+    g,
+    k,
+    bias,
+    sx,
+    sk,
+    s0x,
+    s0k,
+    dsx,
+    dsk,
+    dcx,
+    dck,
+    dx,
+    dg,
+    dk,
+    dbias,
+    hx,
+    hk,
+    ha,
+    stride_xb,
+    stride_xt,
+    stride_gb,
+    stride_gt,
+    stride_kb,
+    stride_kt,
+    stride_dxb,
+    stride_dxt,
+    stride_dkb,
+    stride_dkt,
+    T,
+    NB,
+    NBT,
+    H: tl.constexpr,
+    P: tl.constexpr,
+    G: tl.constexpr,
+    HPG: tl.constexpr,
+    CHUNK: tl.constexpr,
+    NC: tl.constexpr,
+    BH: tl.constexpr,
+    BP: tl.constexpr,
+    NPB: tl.constexpr,
+    HAS_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_S0: tl.constexpr,
+    HAS_DC: tl.constexpr,
+    RESTART: tl.constexpr,
+    SUMMARY: tl.constexpr,
+):
+    """Reverse scan of NC blocks: ``d_t = ds_t + a_{t+1} d_{t+1}`` (not across a restart).
+
+    Writes ``dv_t = (1 - a_t) d_t`` (dk summed over the group's heads), ``dg_t = a_t (1 - a_t)
+    sum_v d_t (s_{t-1} - v_t)`` with s_{t-1} read from the saved states sx, sk (zero at a
+    restart, the initial state s0 at t = 0), and per-program sums of dg for the bias.
+
+    Args (tensors): x, g, sx, dsx ``(B, T, H, P)``; k, dsk-group ``(B, T, G, P)``; sk, dsk
+    ``(B, T, H, P)``; s0x, s0k ``(B, H, P)`` (HAS_S0); dcx, dck ``(B * NB, H, P)`` fp32 gradient
+    entering each block from its right (HAS_DC); outputs dx ``(B, T, H, P)``, dg like g,
+    dk ``(B, T, G, P)``, dbias ``(n_programs_over_blocks, H, P)`` fp32. With SUMMARY, only
+    hx, hk (``a_{t0} d_{t0}`` of the block's local scan) and ha (its gate product) are written.
+    """
+    i_n, i_c = tl.program_id(0), tl.program_id(1)
+    i_g, i_pb = i_c // NPB, i_c % NPB
+    o_n = i_n * NC + tl.arange(0, NC)
+    m_n = o_n < NBT
+    o_b = (o_n // NB).to(tl.int64)
+    o_t0 = (o_n % NB) * CHUNK
+    o_hh = tl.arange(0, BH)
+    o_p = i_pb * BP + tl.arange(0, BP)
+    m_p = o_p < P
+    o_d = (i_g * HPG + o_hh)[:, None] * P + o_p[None, :]
+    m_d = (o_hh < HPG)[:, None] & m_p[None, :]
+    o_dk = i_g * P + o_p
+
+    if HAS_BIAS:
+        b_bias = tl.load(bias + o_d, mask=m_d, other=0.0).to(tl.float32)
+    o_h = o_n.to(tl.int64)[:, None, None] * (H * P) + o_d[None, :, :]
+    m_h = m_n[:, None, None] & m_d[None, :, :]
+    # b_rx, b_rk: a_{t+1} d_{t+1}, the gradient reaching s_t through s_{t+1}.
+    if HAS_DC:
+        b_rx = tl.load(dcx + o_h, mask=m_h, other=0.0)
+        if HAS_K:
+            b_rk = tl.load(dck + o_h, mask=m_h, other=0.0)
+    else:
+        b_rx = tl.zeros([NC, BH, BP], dtype=tl.float32)
+        if HAS_K:
+            b_rk = tl.zeros([NC, BH, BP], dtype=tl.float32)
+    if SUMMARY:
+        b_A = tl.full([NC, BH, BP], 1.0, dtype=tl.float32)
+    else:
+        b_db = tl.zeros([BH, BP], dtype=tl.float32)
+
+    for i_r in range(CHUNK):
+        i = CHUNK - 1 - i_r
+        o_t = (o_t0 + i).to(tl.int64)
+        m_t = m_n & (o_t < T)
+        m = m_t[:, None, None] & m_d[None, :, :]
+        p_g = g + (o_b * stride_gb + o_t * stride_gt)[:, None, None] + o_d[None, :, :]
+        b_g = tl.load(p_g, mask=m, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            b_g = b_g + b_bias[None, :, :]
+        b_a, b_1ma = _gates(b_g)
+        b_a = tl.where(m, b_a, 1.0)
+        b_1ma = tl.where(m, b_1ma, 0.0)
+        o_s = (o_b * T + o_t)[:, None, None] * (H * P) + o_d[None, :, :]
+        b_dx = tl.load(dsx + o_s, mask=m, other=0.0).to(tl.float32) + b_rx
+        if HAS_K:
+            b_dk = tl.load(dsk + o_s, mask=m, other=0.0).to(tl.float32) + b_rk
+        if SUMMARY:
+            b_A = b_A * b_a
+        else:
+            # s_{t-1}: the saved state, zero at a restart, the initial state at t = 0.
+            if RESTART:
+                m_prev = m & (o_t > o_t0)[:, None, None]
+            else:
+                m_prev = m & (o_t > 0)[:, None, None]
+            b_sx = tl.load(sx + o_s - H * P, mask=m_prev, other=0.0).to(tl.float32)
+            p_x = x + (o_b * stride_xb + o_t * stride_xt)[:, None, None] + o_d[None, :, :]
+            b_x = tl.load(p_x, mask=m, other=0.0).to(tl.float32)
+            if HAS_S0:
+                m_0 = m & (o_t == 0)[:, None, None]
+                b_sx += tl.load(s0x + o_b[:, None, None] * (H * P) + o_d[None, :, :], mask=m_0, other=0.0).to(
+                    tl.float32
+                )
+            p_dx = dx + (o_b * stride_dxb + o_t * stride_dxt)[:, None, None] + o_d[None, :, :]
+            tl.store(p_dx, (b_1ma * b_dx).to(dx.dtype.element_ty), mask=m)
+            b_dg = b_dx * (b_sx - b_x)
+            if HAS_K:
+                b_sk = tl.load(sk + o_s - H * P, mask=m_prev, other=0.0).to(tl.float32)
+                if HAS_S0:
+                    b_sk += tl.load(
+                        s0k + o_b[:, None, None] * (H * P) + o_d[None, :, :], mask=m_0, other=0.0
+                    ).to(tl.float32)
+                p_k = k + (o_b * stride_kb + o_t * stride_kt)[:, None] + o_dk[None, :]
+                m_k = m_t[:, None] & m_p[None, :]
+                b_k = tl.load(p_k, mask=m_k, other=0.0).to(tl.float32)
+                b_dg += b_dk * (b_sk - b_k[:, None, :])
+                # The key of a group feeds HPG heads: its gradient is their sum.
+                p_dk = dk + (o_b * stride_dkb + o_t * stride_dkt)[:, None] + o_dk[None, :]
+                tl.store(p_dk, tl.sum(b_1ma * b_dk, axis=1).to(dk.dtype.element_ty), mask=m_k)
+            b_dg = b_dg * b_a * b_1ma
+            tl.store(dg + o_s, b_dg.to(dg.dtype.element_ty), mask=m)
+            b_db += tl.sum(b_dg, axis=0)
+        b_rx = b_a * b_dx
+        if HAS_K:
+            b_rk = b_a * b_dk
+
+    if SUMMARY:
+        tl.store(hx + o_h, b_rx, mask=m_h)
+        tl.store(ha + o_h, b_A, mask=m_h)
+        if HAS_K:
+            tl.store(hk + o_h, b_rk, mask=m_h)
+    elif HAS_BIAS:
+        tl.store(dbias + i_n.to(tl.int64) * (H * P) + o_d, b_db, mask=m_d)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _tiles(heads: int, dim: int, heads_per_group: int, blocks: int, elements: int) -> dict:
+    """Tile of one program: BH heads (one key group) x BP channels x NC blocks, about `elements`
+    in all (1K forward, 512 backward, which holds twice the live arrays: with 4 warps, 8 or 4
+    values per thread per array, so states, gradients and loads stay in registers)."""
+    bh = _next_power_of_2(heads_per_group)
+    bp = min(_next_power_of_2(dim), max(16, 256 // bh))
+    nc = max(1, min(8, elements // (bh * bp), _next_power_of_2(blocks)))
+    return {"BH": bh, "BP": bp, "NC": nc, "NPB": triton.cdiv(dim, bp), "num_warps": 4}
+
+
+def _check_device(x: torch.Tensor) -> None:
+    if not x.is_cuda and not INTERPRETED:
+        raise ValueError(
+            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, "
+            "for tests on CPU); use backend='reference' or 'auto'"
+        )
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t with its (heads, dim) part contiguous; batch and time strides may be anything."""
+    if t.stride(-1) != 1 or (t.shape[-2] > 1 and t.stride(-2) != t.shape[-1]):
+        t = t.contiguous()
+    return t
+
+
+def _effective_chunk(chunk_size: int | None, length: int) -> int | None:
+    # A chunk that holds the whole sequence never restarts: the full-sequence scan is parallel
+    # over time blocks, the restart form would run each sequence in one program.
+    return None if chunk_size is not None and chunk_size >= length else chunk_size
+
+
+def _layout(x: torch.Tensor, k: torch.Tensor | None, chunk_size: int | None, elements: int) -> dict:
+    batch, length, heads, dim = x.shape
+    groups = heads if k is None else k.shape[2]
+    block = chunk_size if chunk_size is not None else min(FULL_SEQUENCE_BLOCK, _next_power_of_2(length))
+    nb = triton.cdiv(length, block)
+    tiles = _tiles(heads, dim, heads // groups, batch * nb, elements)
+    grid = (triton.cdiv(batch * nb, tiles["NC"]), groups * tiles["NPB"])
+    meta = {"H": heads, "P": dim, "G": groups, "HPG": heads // groups, "CHUNK": block, **tiles}
+    return {"NB": nb, "NBT": batch * nb, "grid": grid, "meta": meta}
+
+
+def _carry(
+    ha: torch.Tensor,
+    hx: torch.Tensor,
+    hk: torch.Tensor | None,
+    s0: tuple[torch.Tensor | None, torch.Tensor | None],
+    reverse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """Run the recurrence over block summaries ``(B, NB, H, P)``; returns the carry into each
+    block ``(B, NB, H, P)`` and the final carry ``(B, H, P)``, fp32, for x and k."""
+    batch, nb, heads, dim = ha.shape
+    d = heads * dim
+    cx, fx = torch.empty_like(hx), hx.new_empty(batch, heads, dim)
+    ck = torch.empty_like(hk) if hk is not None else None
+    fk = hx.new_empty(batch, heads, dim) if hk is not None else None
+    # 32 channels (128 bytes) per program: at batch 1-2 the pass is parallel over channels only.
+    bc = min(_next_power_of_2(d), 32)
+    u = min(CARRY_BLOCKS, _next_power_of_2(nb))
+    grid = (batch, triton.cdiv(d, bc))
+    recurrence_kernel_carry[grid](
+        ha, hx, hk if hk is not None else hx,
+        s0[0] if s0[0] is not None else hx, s0[1] if s0[1] is not None else hx,
+        cx, ck if ck is not None else cx, fx, fk if fk is not None else fx,
+        nb, D=d, U=u, BC=bc, HAS_K=hk is not None, HAS_S0=s0[0] is not None, REVERSE=reverse,
+        num_warps=4,
+    )  # fmt: skip
+    return cx, ck, fx, fk
+
+
+def recurrence_fwd(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    k: torch.Tensor | None = None,
+    gate_bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    initial_state: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Forward launcher.
+
+    Args:
+        x, g: ``(B, T, H, P)`` bf16, fp16 or fp32 (fp64 is computed in fp32).
+        k: ``(B, T, G, P)`` or None; gate_bias: ``(H, P)`` or None.
+        chunk_size: restart every chunk_size tokens, or None for the full sequence.
+        initial_state: ``(sx0, sk0)`` each ``(B, H, P)``, full sequence only.
+
+    Returns:
+        ``(sx, sk)`` contiguous ``(B, T, H, P)`` in x's dtype; sk None when k is None.
+    """
+    _check_device(x)
+    chunk_size = _effective_chunk(chunk_size, x.shape[1])
+    x, g = _rows(x), _rows(g)
+    k = _rows(k) if k is not None else None
+    bias = gate_bias.contiguous() if gate_bias is not None else None
+    if initial_state is not None:
+        initial_state = tuple(s.contiguous() if s is not None else None for s in initial_state)
+    batch, length, heads, dim = x.shape
+    sx = x.new_empty(batch, length, heads, dim)
+    sk = x.new_empty(batch, length, heads, dim) if k is not None else None
+    if x.numel() == 0:
+        return sx, sk
+    lay = _layout(x, k, chunk_size, elements=1024)
+    nb, meta = lay["NB"], lay["meta"]
+    kk = k if k is not None else x
+    strides = (x.stride(0), x.stride(1), g.stride(0), g.stride(1), kk.stride(0), kk.stride(1))
+    common = dict(HAS_K=k is not None, HAS_BIAS=bias is not None, **meta)
+    bias_arg = bias if bias is not None else x
+    h0x = h0k = None
+    if chunk_size is None and (nb > 1 or initial_state is not None):
+        # Pass 1: each block's final local state and gate product.
+        f32 = dict(device=x.device, dtype=torch.float32)
+        hx, ha = torch.empty(batch, nb, heads, dim, **f32), torch.empty(batch, nb, heads, dim, **f32)
+        hk = torch.empty(batch, nb, heads, dim, **f32) if k is not None else None
+        recurrence_fwd_kernel_chunk[lay["grid"]](
+            x, g, kk, bias_arg, hx, hx, sx, sx, hx, hk if hk is not None else hx, ha,
+            *strides, length, nb, lay["NBT"], HAS_H0=False, SUMMARY=True, **common,
+        )  # fmt: skip
+        # Pass 2: the state entering every block.
+        s0 = initial_state if initial_state is not None else (None, None)
+        h0x, h0k, _, _ = _carry(ha, hx, hk, (s0[0], s0[1] if k is not None else None), reverse=False)
+    # Pass 3 (or the only pass of the restart form): states from each block's incoming state.
+    recurrence_fwd_kernel_chunk[lay["grid"]](
+        x, g, kk, bias_arg, h0x if h0x is not None else sx, h0k if h0k is not None else sx,
+        sx, sk if sk is not None else sx, sx, sx, sx,
+        *strides, length, nb, lay["NBT"], HAS_H0=h0x is not None, SUMMARY=False, **common,
+    )  # fmt: skip
+    return sx, sk
+
+
+def recurrence_bwd(
+    dsx: torch.Tensor,
+    dsk: torch.Tensor | None,
+    x: torch.Tensor,
+    g: torch.Tensor,
+    k: torch.Tensor | None,
+    gate_bias: torch.Tensor | None,
+    sx: torch.Tensor,
+    sk: torch.Tensor | None,
+    chunk_size: int | None = None,
+    initial_state: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Backward launcher.
+
+    Args:
+        dsx, dsk: gradients of the outputs ``(B, T, H, P)`` (dsk None when k is None).
+        x, g, k, gate_bias, chunk_size, initial_state: the forward's inputs.
+        sx, sk: the forward's outputs (contiguous), read for s_{t-1}.
+
+    Returns:
+        ``(dx, dg, dk, dbias, dsx0, dsk0)`` in the dtypes of their inputs; dk is ``(B, T, G, P)``
+        (summed over the H/G heads of each group); entries are None where the input is None.
+    """
+    _check_device(x)
+    chunk_size = _effective_chunk(chunk_size, x.shape[1])
+    x, g = _rows(x), _rows(g)
+    k = _rows(k) if k is not None else None
+    bias = gate_bias.contiguous() if gate_bias is not None else None
+    dsx = dsx.contiguous()
+    sx = sx.contiguous()
+    if k is not None:
+        dsk = dsk.contiguous() if dsk is not None else torch.zeros_like(sx)
+        sk = sk.contiguous()
+    else:
+        dsk = sk = None
+    batch, length, heads, dim = x.shape
+    dx, dg = x.new_empty(x.shape), g.new_empty(g.shape)
+    dk = k.new_empty(k.shape) if k is not None else None
+    s0x, s0k = initial_state if initial_state is not None else (None, None)
+    s0x = s0x.contiguous() if s0x is not None else None
+    s0k = s0k.contiguous() if (s0k is not None and k is not None) else None
+    if x.numel() == 0:
+        dbias = torch.zeros_like(bias) if bias is not None else None
+        d0x = torch.zeros_like(s0x) if s0x is not None else None
+        d0k = torch.zeros_like(s0k) if s0k is not None else None
+        return dx, dg, dk, dbias, d0x, d0k
+    lay = _layout(x, k, chunk_size, elements=512)
+    nb, meta, grid = lay["NB"], lay["meta"], lay["grid"]
+    kk, dkk = (k, dk) if k is not None else (x, dx)
+    strides = (
+        x.stride(0), x.stride(1), g.stride(0), g.stride(1), kk.stride(0), kk.stride(1),
+        dx.stride(0), dx.stride(1), dkk.stride(0), dkk.stride(1),
+    )  # fmt: skip
+    common = dict(HAS_K=k is not None, HAS_BIAS=bias is not None, RESTART=chunk_size is not None, **meta)
+    bias_arg = bias if bias is not None else x
+    dsk_arg = dsk if dsk is not None else dsx
+    sk_arg = sk if sk is not None else sx
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dcx = dck = d0x = d0k = None
+    if chunk_size is None and (nb > 1 or s0x is not None):
+        # Pass 1: each block's local reverse scan, summarised as a_{t0} d_{t0} and its gate product.
+        hx, ha = torch.empty(batch, nb, heads, dim, **f32), torch.empty(batch, nb, heads, dim, **f32)
+        hk = torch.empty(batch, nb, heads, dim, **f32) if k is not None else None
+        recurrence_bwd_kernel_chunk[grid](
+            x, g, kk, bias_arg, sx, sk_arg, sx, sx, dsx, dsk_arg, hx, hx, dx, dg, dkk, hx,
+            hx, hk if hk is not None else hx, ha,
+            *strides, length, nb, lay["NBT"], HAS_S0=False, HAS_DC=False, SUMMARY=True, **common,
+        )  # fmt: skip
+        # Pass 2: the gradient entering every block from its right, and the initial state's.
+        dcx, dck, d0x, d0k = _carry(ha, hx, hk, (None, None), reverse=True)
+    dbias_part = torch.empty(grid[0], heads, dim, **f32) if bias is not None else None
+    recurrence_bwd_kernel_chunk[grid](
+        x, g, kk, bias_arg, sx, sk_arg, s0x if s0x is not None else sx, s0k if s0k is not None else sx,
+        dsx, dsk_arg, dcx if dcx is not None else sx, dck if dck is not None else sx,
+        dx, dg, dkk, dbias_part if dbias_part is not None else sx, sx, sx, sx,
+        *strides, length, nb, lay["NBT"], HAS_S0=s0x is not None, HAS_DC=dcx is not None, SUMMARY=False,
+        **common,
+    )  # fmt: skip
+    dbias = dbias_part.sum(0).to(bias.dtype) if bias is not None else None
+    if s0x is not None:
+        d0x = d0x.to(s0x.dtype)
+        d0k = d0k.to(s0k.dtype) if s0k is not None else None
+    return dx, dg, dk, dbias, d0x, d0k
+
+
+# torch custom ops: torch.compile sees one opaque call with a fake (shape-only) implementation
+# (PITFALLS 4). Optional inputs are Optional[Tensor]; the optional k-state output is an empty
+# tensor when k is None (a custom op returns a fixed number of tensors).
+
+
+@torch.library.custom_op("rat_lightning::gated_recurrence_fwd", mutates_args=())
+def gated_recurrence_op(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    k: torch.Tensor | None,
+    gate_bias: torch.Tensor | None,
+    sx0: torch.Tensor | None,
+    sk0: torch.Tensor | None,
+    chunk_size: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`recurrence_fwd` as a custom op; returns ``(sx, sk)``, sk empty when k is None."""
+    initial_state = (sx0, sk0) if sx0 is not None else None
+    sx, sk = recurrence_fwd(x, g, k, gate_bias, chunk_size, initial_state)
+    return sx, sk if sk is not None else x.new_empty(0)
+
+
+@gated_recurrence_op.register_fake
+def _gated_recurrence_fake(x, g, k, gate_bias, sx0, sk0, chunk_size):
+    return x.new_empty(x.shape), x.new_empty(x.shape) if k is not None else x.new_empty(0)
+
+
+@torch.library.custom_op("rat_lightning::gated_recurrence_bwd", mutates_args=())
+def gated_recurrence_bwd_op(
+    dsx: torch.Tensor,
+    dsk: torch.Tensor | None,
+    x: torch.Tensor,
+    g: torch.Tensor,
+    k: torch.Tensor | None,
+    gate_bias: torch.Tensor | None,
+    sx0: torch.Tensor | None,
+    sk0: torch.Tensor | None,
+    sx: torch.Tensor,
+    sk: torch.Tensor | None,
+    chunk_size: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`recurrence_bwd` as a custom op; gradients of absent inputs are empty tensors."""
+    initial_state = (sx0, sk0) if sx0 is not None else None
+    grads = recurrence_bwd(dsx, dsk, x, g, k, gate_bias, sx, sk, chunk_size, initial_state)
+    return tuple(d if d is not None else x.new_empty(0) for d in grads)
+
+
+@gated_recurrence_bwd_op.register_fake
+def _gated_recurrence_bwd_fake(dsx, dsk, x, g, k, gate_bias, sx0, sk0, sx, sk, chunk_size):
+    def like(t: torch.Tensor | None) -> torch.Tensor:
+        return t.new_empty(t.shape) if t is not None else x.new_empty(0)
+
+    return like(x), like(g), like(k), like(gate_bias), like(sx0), like(sk0 if k is not None else None)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, g, k, gate_bias, sx0, sk0, chunk_size = inputs
+    sx, sk = output
+    ctx.save_for_backward(x, g, k, gate_bias, sx0, sk0, sx, sk if k is not None else None)
+    ctx.chunk_size = chunk_size
+
+
+def _backward(ctx, dsx, dsk):
+    x, g, k, gate_bias, sx0, sk0, sx, sk = ctx.saved_tensors
+    if dsx is None:
+        dsx = torch.zeros_like(sx)
+    if k is None:
+        dsk = None
+    grads = gated_recurrence_bwd_op(dsx, dsk, x, g, k, gate_bias, sx0, sk0, sx, sk, ctx.chunk_size)
+    inputs = (x, g, k, gate_bias, sx0, sk0 if k is not None else None)
+    return (*(d if t is not None else None for d, t in zip(grads, inputs)), None)
+
+
+gated_recurrence_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gated_recurrence_triton(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    k: torch.Tensor | None = None,
+    gate_bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    initial_state: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Differentiable Triton recurrence; arguments as in :func:`recurrence_fwd`."""
+    sx0, sk0 = initial_state if initial_state is not None else (None, None)
+    sx, sk = gated_recurrence_op(x, g, k, gate_bias, sx0, sk0 if k is not None else None, chunk_size)
+    return sx, (sk if k is not None else None)
