@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
+
+import torch
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from rat_lightning.errors import ConfigError
+from rat_lightning.model.config import RUNTIME_FIELDS
 
 log = logging.getLogger("rat_lightning")
 
@@ -33,6 +37,24 @@ class RATLightningCLI(LightningCLI):
         parser.link_arguments("data.seq_len", "model.config.max_seq_len")
         # The vocabulary is known only once the data module has read (or built) its tokenizer.
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        """Take the model's architecture from ``--ckpt_path``, nothing else.
+
+        Lightning's own version replaces every model argument with the checkpoint's, so flags
+        such as ``--model.generate_tokens`` would be silently ignored. The architecture must
+        come from the checkpoint (its weights have that shape); the rest is the user's.
+        """
+        if not self.config.get("subcommand"):
+            return
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        architecture = {k: v for k, v in saved.get("config", {}).items() if k not in RUNTIME_FIELDS}
+        if architecture:
+            update = {self.config.subcommand: {"model": {"config": architecture}}}
+            self.config = self.parser.parse_object(update, self.config)
 
 
 def _run_prepare(args: list[str]) -> None:

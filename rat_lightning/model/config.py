@@ -9,6 +9,9 @@ from typing import Literal
 from rat_lightning.errors import ConfigError
 
 MIXER_NAMES = ("attention", "local_attention", "rnn", "rat", "retention")
+# Fields that change neither the weights' shapes nor their meaning: a run may change them
+# when it loads a checkpoint.
+RUNTIME_FIELDS = frozenset({"max_seq_len", "backend", "init_std"})
 
 
 @dataclass

@@ -13,6 +13,7 @@ from torchmetrics.text import Perplexity
 
 from rat_lightning.errors import ConfigError
 from rat_lightning.model import ModelConfig, RATLanguageModel
+from rat_lightning.model.config import RUNTIME_FIELDS
 from rat_lightning.model.generation import generate
 from rat_lightning.training.optim import build_scheduler, parameter_groups
 
@@ -88,9 +89,7 @@ class LanguageModelModule(L.LightningModule):
         if saved is None:
             return
         current = asdict(self.config)
-        # Fields that change neither the weights nor their meaning may differ.
-        free = {"max_seq_len", "backend", "init_std"}
-        differ = {k: (saved.get(k), v) for k, v in current.items() if k not in free and saved.get(k) != v}
+        differ = {k: (saved.get(k), v) for k, v in current.items() if k not in RUNTIME_FIELDS and saved.get(k) != v}
         if differ:
             details = ", ".join(f"config.{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differ.items())
             raise ConfigError(
