@@ -19,15 +19,21 @@ from rat_lightning.model.config import RUNTIME_FIELDS
 
 log = logging.getLogger("rat_lightning")
 
-# Defaults for runs whose config names no logger: TensorBoard under runs/. Checkpointing is
-# configured per run (configs/quickstart.yaml); callbacks here would be persistent and not
-# configurable, so there are none.
-TRAINER_DEFAULTS = {
-    "logger": {
-        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": "runs", "name": "default"},
-    },
-}
+
+
+def _trainer_defaults() -> dict:
+    """TensorBoard under runs/ for configs that name no logger, and the generation writer
+    (always present: Lightning keeps callbacks given here in every run). Checkpointing is
+    configured per run (configs/quickstart.yaml)."""
+    from rat_lightning.training.callbacks import GenerationWriter
+
+    return {
+        "logger": {
+            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": "runs", "name": "default"},
+        },
+        "callbacks": [GenerationWriter()],
+    }
 
 
 class RATLightningCLI(LightningCLI):
@@ -87,7 +93,7 @@ def main(args: list[str] | None = None) -> RATLightningCLI | None:
         return RATLightningCLI(
             LanguageModelModule,
             PretrainDataModule,
-            trainer_defaults=TRAINER_DEFAULTS,
+            trainer_defaults=_trainer_defaults(),
             save_config_kwargs={"overwrite": True},
             args=args,
         )

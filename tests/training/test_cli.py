@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -121,6 +122,10 @@ def test_validate_test_predict_on_a_checkpoint(tmp_path, prepared):
          "--model.generate_tokens", "5"]
     )
     assert cli.trainer.predict_loop.predictions[0]["generated"].shape == (4, 5)
+    lines = (Path(cli.trainer.log_dir) / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+    record = json.loads(lines[0])
+    assert record["prompt"] and isinstance(record["generated"], str)
 
 
 def test_print_config_shows_every_knob(tmp_path, prepared, capsys):
