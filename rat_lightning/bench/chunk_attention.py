@@ -1,0 +1,200 @@
+"""Chunk-attention benchmark: the Triton kernels against a flash-attention floor.
+
+RAT's inter-chunk attention at the configuration of the kernels issue: 16 heads of 128, L = 16,
+bf16, 262,144 tokens per step, T in {4K, 16K, 64K, 128K} (batch = tokens / T). For each T the
+Triton op is first checked against the reference on a slice that fits (batch 1, as many heads
+as keep the reference's (T, T / L) fp32 scores near 4 GB), then timed; times are medians of
+``triton.testing.do_bench``. Run on a GPU:
+
+    python -m rat_lightning.bench.chunk_attention docs/benchmarks/chunk_attention.json
+
+The floor is flash SDPA (``SDPBackend.FLASH_ATTENTION``) doing the same work without RoPE and
+the own state: the queries regrouped by their offset i in the chunk into (B, H * L, C, P) (query
+c of group i is token cL + i), the C summaries as keys and values (B, H, C, P) shared by the L
+groups of a head (GQA), causal. Query c then attends to keys j <= c, one more than ours (j < c),
+so the floor has the same FLOPs up to a 1/C term. Flash has no block mask for T queries against
+C keys (its causal mask aligns the two sequences at the top left), hence the regrouping. Where
+flash refuses GQA the keys are repeated per group instead (``floor_keys`` says which). The
+regrouping copies are outside the timed region.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from rat_lightning.ops.chunk_attention import chunk_attention
+from rat_lightning.ops.chunk_attention.reference import chunk_attention_reference
+
+
+def _time(fn: Callable[[], object], warmup: int = 10, rep: int = 50) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm().clamp(min=1e-30)).item()
+
+
+def check_against_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int, max_scores: int = 2**30
+) -> dict[str, float]:
+    """Relative errors of the Triton output and gradients on a slice of (q, k, v).
+
+    Args:
+        q, k, v: ``(B, T, H, P)`` inputs.
+        chunk_size: L.
+        max_scores: the slice keeps batch 1 and at most ``max_scores / (T * T / L)`` heads (at least 1).
+
+    Returns:
+        ``{"out": ..., "dq": ..., "dk": ..., "dv": ...}``, each ``||a - e|| / ||e||`` against the fp32
+        reference at the same (rounded) inputs under one random upstream gradient.
+    """
+    length, heads = q.shape[1], q.shape[2]
+    keep = max(1, min(heads, max_scores // max(1, length * (length // chunk_size))))
+    leaves = [x[:1, :, :keep].detach().clone().requires_grad_() for x in (q, k, v)]
+    out = chunk_attention(*leaves, chunk_size, backend="triton")
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, grad)
+    expected_leaves = [x.detach().float().requires_grad_() for x in leaves]
+    expected = chunk_attention_reference(*expected_leaves, chunk_size)
+    expected_grads = torch.autograd.grad(expected, expected_leaves, grad.float())
+    errors = {"out": _relative_error(out, expected)}
+    for name, actual, reference in zip(("dq", "dk", "dv"), grads, expected_grads):
+        errors[name] = _relative_error(actual, reference)
+    return errors
+
+
+def _flash_floor(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int) -> tuple[dict, str]:
+    """fwd and fwd+bwd times of the flash SDPA floor (see the module docstring)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    batch, length, heads, dim = q.shape
+    chunks = length // chunk_size
+    # (B, C, L, H, P) -> (B, H, L, C, P) -> (B, H * L, C, P): group h * L + i holds offset i of head h.
+    queries = q[:, : chunks * chunk_size].reshape(batch, chunks, chunk_size, heads, dim)
+    queries = queries.permute(0, 3, 2, 1, 4).reshape(batch, heads * chunk_size, chunks, dim).contiguous()
+    keys = k[:, chunk_size - 1 :: chunk_size][:, :chunks].transpose(1, 2).contiguous()
+    values = v[:, chunk_size - 1 :: chunk_size][:, :chunks].transpose(1, 2).contiguous()
+    queries.requires_grad_()
+    keys.requires_grad_()
+    values.requires_grad_()
+    grad = torch.randn_like(queries)
+
+    def attend(keys_: torch.Tensor, values_: torch.Tensor, gqa: bool) -> torch.Tensor:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(queries, keys_, values_, is_causal=True, enable_gqa=gqa)
+
+    try:
+        attend(keys, values, True)
+        key_mode, floor_keys, floor_values, gqa = "gqa", keys, values, True
+    except RuntimeError:
+        floor_keys = keys.detach().repeat_interleave(chunk_size, dim=1).requires_grad_()
+        floor_values = values.detach().repeat_interleave(chunk_size, dim=1).requires_grad_()
+        key_mode, gqa = "repeated", False
+
+    def forward() -> None:
+        with torch.no_grad():
+            attend(floor_keys, floor_values, gqa)
+
+    def forward_backward() -> None:
+        out = attend(floor_keys, floor_values, gqa)
+        torch.autograd.grad(out, (queries, floor_keys, floor_values), grad)
+
+    return {"fwd_ms": _time(forward), "fwd_bwd_ms": _time(forward_backward)}, key_mode
+
+
+def bench_chunk_attention(
+    tokens: int = 262_144,
+    heads: int = 16,
+    head_dim: int = 128,
+    chunk_size: int = 16,
+    seq_lens: tuple[int, ...] = (4096, 16384, 65536, 131072),
+    dtype: torch.dtype = torch.bfloat16,
+) -> list[dict]:
+    """Check and time the Triton chunk attention and the flash floor at each sequence length.
+
+    Args:
+        tokens: batch * T per step.
+        heads, head_dim: H and P.
+        chunk_size: L.
+        seq_lens: the values of T (each a multiple of L dividing ``tokens``).
+        dtype: input dtype.
+
+    Returns:
+        One dict per (T, variant) with ``T``, ``batch``, ``variant`` (``"triton"`` or
+        ``"flash_floor"``), ``fwd_ms``, ``fwd_bwd_ms``, ``fwd_tflops`` (the model FLOPs of the
+        inter-chunk products, 4 * B * H * P * sum_t c(t), over the forward time), and for
+        ``"triton"`` the check errors, for ``"flash_floor"`` ``floor_keys``.
+    """
+    device = torch.device("cuda")
+    rows = []
+    for length in seq_lens:
+        batch = tokens // length
+        q, k, v = (torch.randn(batch, length, heads, head_dim, device=device, dtype=dtype) for _ in range(3))
+        errors = check_against_reference(q, k, v, chunk_size)
+        torch.cuda.empty_cache()
+        chunks = length // chunk_size
+        # sum over t of c(t) = L * C (C - 1) / 2 plus the tail of a partial last chunk.
+        visible = chunk_size * chunks * (chunks - 1) // 2 + (length - chunks * chunk_size) * chunks
+        flops = 4 * batch * heads * head_dim * visible
+
+        leaves = [x.requires_grad_() for x in (q, k, v)]
+        grad = torch.randn_like(q)
+
+        def forward() -> None:
+            with torch.no_grad():
+                chunk_attention(q, k, v, chunk_size, backend="triton")
+
+        def forward_backward() -> None:
+            out = chunk_attention(*leaves, chunk_size, backend="triton")
+            torch.autograd.grad(out, leaves, grad)
+
+        fwd = _time(forward)
+        rows.append({
+            "T": length, "batch": batch, "variant": "triton", "fwd_ms": fwd, "fwd_bwd_ms": _time(forward_backward),
+            "fwd_tflops": flops / fwd / 1e9, "check_rel_err": errors,
+        })  # fmt: skip
+        del grad, leaves
+        torch.cuda.empty_cache()
+        try:
+            floor, key_mode = _flash_floor(q.detach(), k.detach(), v.detach(), chunk_size)
+        except (RuntimeError, torch.OutOfMemoryError) as error:
+            floor, key_mode = {"fwd_ms": float("nan"), "fwd_bwd_ms": float("nan")}, f"failed: {error}"[:200]
+        rows.append({
+            "T": length, "batch": batch, "variant": "flash_floor", **floor,
+            "fwd_tflops": flops / floor["fwd_ms"] / 1e9, "floor_keys": key_mode,
+        })  # fmt: skip
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _table(rows: list[dict]) -> str:
+    header = f"{'T':>7} {'batch':>5} {'variant':<12} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd TFLOP/s':>12}"
+    lines = [header + "  check / keys"]
+    for row in rows:
+        if "check_rel_err" in row:
+            note = " ".join(f"{name}={error:.1e}" for name, error in row["check_rel_err"].items())
+        else:
+            note = row["floor_keys"]
+        lines.append(
+            f"{row['T']:>7} {row['batch']:>5} {row['variant']:<12} {row['fwd_ms']:>9.3f} {row['fwd_bwd_ms']:>11.3f} "
+            f"{row['fwd_tflops']:>12.1f}  {note}"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    results = bench_chunk_attention()
+    print(_table(results))
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], "w") as handle:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": results}, handle,
+                      indent=2)  # fmt: skip

@@ -1,0 +1,815 @@
+"""Flash-style Triton kernels for RAT's inter-chunk attention with the own-state merge.
+
+Maths (see :mod:`.reference`): query t in chunk c = t // L attends in one softmax to the
+summaries K_j = k[jL + L - 1], V_j = v[jL + L - 1] of the finished chunks j < c (RoPE at
+position j on K_j, position c on q) and to its own state (score q_t . k_t unrotated, value v_t).
+
+Kernels (grid axis 1 is always batch * heads; tiles in :data:`CONFIGS`):
+
+- ``chunk_attention_fwd_kernel``: one program per block_m queries. It rotates its queries once,
+  starts the online softmax (fp32, base 2) from the own-state term, so the running max is finite
+  from the start, then loops over tiles of block_n summaries: tiles below the tile's first chunk
+  need no mask, the last one or two get the mask j < c(t). Writes o and the log2-domain
+  log-sum-exp per (b, h, t).
+- ``chunk_attention_bwd_kernel_dq``: per block_m queries: delta = rowsum(dO * O), the rotated
+  queries (both stored for the next kernel), dq (summaries + own state), and the own-state
+  gradients dk_t, dv_t of every row.
+- ``chunk_attention_bwd_kernel_dkv``: per block_n summaries: loops over the query tiles that see
+  them, accumulates dK_j, dV_j on top of the own-state gradients of rows jL + L - 1 and
+  overwrites those rows of dk, dv. It runs after the dq kernel on the same stream, so neither
+  atomics nor a scatter are needed.
+
+RoPE (rotate-half: pairs i and i + P/2): every row is loaded as its two halves of P/2, so the
+rotation needs no register permute and a score is the sum of two dots over P/2. Queries are
+rotated in the kernels, once per program; the summaries, 1/L of k, are rotated once per call
+into a (B, C, H, P) copy (rotating them per (query tile, summary tile) pair would load a cos/sin
+tile as large as the K and V tiles together, and keeps more tiles live across the loop); the
+values are read in place, row jL + L - 1 by strided addressing. Cosines and sines come from a
+(positions, P/2) fp32 table built by :func:`rat_lightning.ops.rope.rope_angles` in fp64, so the
+kernels rotate with exactly the reference's constants (fp32 angles lose about 1e-3 rad at chunk
+index 8K). The backward rotates gradients back with the transpose rotation.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction
+
+from rat_lightning.ops.rope import apply_rope, rope_angles
+
+__all__ = ["CONFIGS", "KernelConfig", "chunk_attention_bwd", "chunk_attention_fwd", "chunk_attention_triton"]
+
+# Log2(e): the kernels work in base 2 (exp2 is one instruction), with scores scaled by scale * log2(e).
+_LOG2E = 1.4426950408889634
+
+
+class KernelConfig(NamedTuple):
+    """Launch configuration of one kernel: tile sizes (powers of two) and launch options.
+
+    block_m: queries per tile; block_n: summaries per tile (the fwd and dq kernels loop over
+    summary tiles for a query tile, the dkv kernel over query tiles for a summary tile).
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Per kernel and dot dtype. The 16-bit ones keep the inner loops free of register spills on
+# sm_90 at P = 128 (ptxas report of an offline build for Triton 3.9): P / dS, the A operand of
+# the second dot, puts the warps along its rows, so the dq kernel wants block_m >= 16 * num_warps
+# and the dkv kernel block_n >= 16 * num_warps. fp32 is the accuracy path: its IEEE dots run on
+# FMA units and spill at any tile size, least with small tiles. To be tuned on the GPU.
+CONFIGS = {
+    "fwd": KernelConfig(128, 64, 8, 2),
+    "dq": KernelConfig(64, 32, 4, 3),
+    "dkv": KernelConfig(32, 64, 4, 3),
+    "fwd_fp32": KernelConfig(64, 32, 4, 1),
+    "dq_fp32": KernelConfig(32, 32, 4, 1),
+    "dkv_fp32": KernelConfig(32, 64, 8, 1),
+}
+
+
+def _config(kernel: str, dtype: torch.dtype) -> KernelConfig:
+    return CONFIGS[f"{kernel}_fp32" if dtype == torch.float32 else kernel]
+
+
+@triton.jit
+def _col_mask(o_col, N: tl.constexpr, BLOCK: tl.constexpr):
+    """``o_col < N`` over the head dim; a constant where BLOCK == N.
+
+    The compiler cannot tell that arange(0, N) < N always holds, and a mask that varies along
+    the contiguous dim stops it from vectorising the loads and stores.
+    """
+    if BLOCK == N:
+        return tl.full([BLOCK], 1, tl.int1)
+    return o_col < N
+
+
+@triton.jit
+def _load_halves(p_x, o_row, m_row, o_ph, m_ph, P_HALF: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """Rows ``o_row`` (element offsets) of x as two halves, (rows, BLOCK_PH) or transposed."""
+    if TRANSPOSE:
+        p_x1 = p_x + o_row[None, :] + o_ph[:, None]
+        m_x = m_row[None, :] & m_ph[:, None]
+    else:
+        p_x1 = p_x + o_row[:, None] + o_ph[None, :]
+        m_x = m_row[:, None] & m_ph[None, :]
+    return tl.load(p_x1, mask=m_x, other=0.0), tl.load(p_x1 + P_HALF, mask=m_x, other=0.0)
+
+
+@triton.jit
+def _load_rope(p_cos, p_sin, o_pos, m_pos, o_ph, m_ph, P_HALF: tl.constexpr, CACHE: tl.constexpr):
+    """Cosines and sines (rows, BLOCK_PH) of positions ``o_pos`` from the (positions, P/2) tables.
+
+    CACHE: a cache modifier; a reload after a loop passes a different one than the load before
+    it, or the compiler merges the two loads and keeps the tiles live across the loop.
+    """
+    o_x = o_pos[:, None] * P_HALF + o_ph[None, :]
+    m_x = m_pos[:, None] & m_ph[None, :]
+    b_cos = tl.load(p_cos + o_x, mask=m_x, other=0.0, cache_modifier=CACHE)
+    return b_cos, tl.load(p_sin + o_x, mask=m_x, other=0.0, cache_modifier=CACHE)
+
+
+@triton.jit
+def _rotate(b_x1, b_x2, b_cos, b_sin):
+    """Rotate-half RoPE on the two halves: (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    return b_x1 * b_cos - b_x2 * b_sin, b_x2 * b_cos + b_x1 * b_sin
+
+
+@triton.jit
+def _rotate_back(b_g1, b_g2, b_cos, b_sin):
+    """The transpose rotation (by the negative angle): RoPE's backward."""
+    return b_g1 * b_cos + b_g2 * b_sin, b_g2 * b_cos - b_g1 * b_sin
+
+
+@triton.jit
+def _round_bf16(b_x):
+    """fp32 to the nearest bf16 value (ties to even), kept in fp32: bf16 rounding on the bits."""
+    b_bits = b_x.to(tl.uint32, bitcast=True)
+    b_bits = (b_bits + 0x7FFF + ((b_bits >> 16) & 1)) & 0xFFFF0000
+    return b_bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _to_dot(b_x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """A tile as a dot operand of DTYPE; EMULATE: bf16-rounded values in fp32.
+
+    The Triton interpreter does not support bf16 arithmetic (its tl.dot multiplies the uint16
+    bit patterns) and its fp32 -> bf16 cast truncates instead of rounding to nearest, so under
+    TRITON_INTERPRET bf16 operands are rounded here and the dot runs in fp32: the same operand
+    values as the tensor-core path on a GPU.
+    """
+    if EMULATE:
+        return _round_bf16(b_x.to(tl.float32))
+    return b_x.to(DTYPE)
+
+
+@triton.jit
+def _to_store(b_x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """An fp32 tile cast for a store; EMULATE: round to nearest first (the interpreter truncates)."""
+    if EMULATE:
+        b_x = _round_bf16(b_x)
+    return b_x.to(DTYPE)
+
+
+@triton.jit
+def _own_grads(b_q1, b_q2, b_k1, b_k2, b_v, b_do, b_lse, b_delta, qk_scale):
+    """Own-state term of fp32 rows: (dS_own, p_own), dS_own = p_own * (dO . v - delta), unscaled."""
+    b_p = tl.exp2((tl.sum(b_q1 * b_k1, 1) + tl.sum(b_q2 * b_k2, 1)) * qk_scale - b_lse)
+    b_ds = b_p * (tl.sum(b_do * b_v, 1) - b_delta)
+    return b_ds, b_p
+
+
+@triton.jit
+def _fwd_inner(
+    b_m,
+    b_l,
+    b_acc,
+    b_qr1,
+    b_qr2,
+    o_c,
+    kr_h,
+    v_h,
+    o_bt,
+    j_lo,
+    j_hi,
+    n_keys,
+    L,
+    qk_scale,
+    H: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_PH: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    EMULATE: tl.constexpr,
+):
+    """Online softmax over summary tiles [j_lo, j_hi); CAUSAL masks keys j >= c(t)."""
+    DTYPE = kr_h.dtype.element_ty
+    o_p = tl.arange(0, BLOCK_P)
+    o_ph = tl.arange(0, BLOCK_PH)
+    m_p = _col_mask(o_p, P, BLOCK_P)
+    m_ph = _col_mask(o_ph, P // 2, BLOCK_PH)
+    for j0 in range(j_lo, j_hi, BLOCK_N):
+        o_j = j0 + tl.arange(0, BLOCK_N)
+        m_j = o_j < n_keys
+        # Rotated summaries transposed (BLOCK_PH, BLOCK_N), so the score is a plain q @ k^T.
+        b_krt1, b_krt2 = _load_halves(kr_h, o_j.to(tl.int64) * H * P, m_j, o_ph, m_ph, P // 2, True)
+        b_s = tl.dot(b_qr1, _to_dot(b_krt1, DTYPE, EMULATE), input_precision=DOT_PRECISION)
+        b_s = tl.dot(b_qr2, _to_dot(b_krt2, DTYPE, EMULATE), b_s, input_precision=DOT_PRECISION)
+        b_s = b_s * qk_scale
+        if CAUSAL:
+            b_s = tl.where(o_j[None, :] < o_c[:, None], b_s, float("-inf"))
+        # b_m starts at the own score, so it is finite and masked entries give exp2(-inf) = 0.
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        b_alpha = tl.exp2(b_m - b_m_new)
+        b_p = tl.exp2(b_s - b_m_new[:, None])
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        # V_j is row jL + L - 1 of v (B, T, H, P), gathered in place by strided addressing.
+        o_vrow = (o_bt + o_j * L + L - 1) * H * P
+        b_v = tl.load(v_h + o_vrow[:, None] + o_p[None, :], mask=m_j[:, None] & m_p[None, :], other=0.0)
+        b_acc = b_acc * b_alpha[:, None]
+        b_acc = tl.dot(
+            _to_dot(b_p, DTYPE, EMULATE), _to_dot(b_v, DTYPE, EMULATE), b_acc, input_precision=DOT_PRECISION
+        )
+        b_m = b_m_new
+    return b_m, b_l, b_acc
+
+
+@triton.jit
+def chunk_attention_fwd_kernel(
+    q,
+    k,
+    v,
+    kr,
+    o,
+    lse,
+    p_cos,
+    p_sin,
+    T,
+    C,
+    L,
+    qk_scale,
+    H: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_PH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    EMULATE: tl.constexpr,
+):
+    """Forward: o (B, T, H, P) in q's dtype and lse (B, H, T) fp32 (log2 domain, scaled scores).
+
+    Grid: (cdiv(T, BLOCK_M), B * H). q, k, v contiguous (B, T, H, P); kr the (B, C, H, P) rotated
+    summaries; p_cos, p_sin the (positions, P/2) fp32 RoPE tables; C = T // L finished chunks;
+    qk_scale = scale * log2(e).
+    """
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    DTYPE = q.dtype.element_ty
+    o_t = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_t = o_t < T
+    o_p = tl.arange(0, BLOCK_P)
+    o_ph = tl.arange(0, BLOCK_PH)
+    m_p = _col_mask(o_p, P, BLOCK_P)
+    m_ph = _col_mask(o_ph, P // 2, BLOCK_PH)
+    # int64: (b * T + t) * H * P passes 2^31 at a few billion elements.
+    o_bt = i_b.to(tl.int64) * T
+    o_qrow = ((o_bt + o_t) * H + i_h) * P
+    m_tp = m_t[:, None] & m_p[None, :]
+
+    b_q1, b_q2 = _load_halves(q, o_qrow, m_t, o_ph, m_ph, P // 2, False)
+    b_k1, b_k2 = _load_halves(k, o_qrow, m_t, o_ph, m_ph, P // 2, False)
+    b_q1, b_q2 = b_q1.to(tl.float32), b_q2.to(tl.float32)
+    # Own state first: q_t . k_t unrotated (the equal rotations cancel), value v_t.
+    b_m = (tl.sum(b_q1 * b_k1.to(tl.float32), 1) + tl.sum(b_q2 * b_k2.to(tl.float32), 1)) * qk_scale
+    b_l = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    b_acc = tl.load(v + o_qrow[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
+
+    o_c = o_t // L
+    b_cos, b_sin = _load_rope(p_cos, p_sin, o_c, m_t, o_ph, m_ph, P // 2, "")
+    b_qr1, b_qr2 = _rotate(b_q1, b_q2, b_cos, b_sin)
+    b_qr1 = _to_dot(b_qr1, DTYPE, EMULATE)
+    b_qr2 = _to_dot(b_qr2, DTYPE, EMULATE)
+
+    # Every row sees j < c_first; some row sees j < n_keys (the chunk of the tile's last row).
+    c_first = (i_m * BLOCK_M) // L
+    n_keys = tl.minimum((tl.minimum(i_m * BLOCK_M + BLOCK_M, T) - 1) // L, C)
+    j_mid = (c_first // BLOCK_N) * BLOCK_N
+    kr_h = kr + i_b.to(tl.int64) * C * H * P + i_h * P
+    v_h = v + i_h * P
+    b_m, b_l, b_acc = _fwd_inner(
+        b_m, b_l, b_acc, b_qr1, b_qr2, o_c, kr_h, v_h, o_bt, 0, j_mid, n_keys, L, qk_scale,
+        H, P, BLOCK_N, BLOCK_P, BLOCK_PH, False, DOT_PRECISION, EMULATE,
+    )  # fmt: skip
+    b_m, b_l, b_acc = _fwd_inner(
+        b_m, b_l, b_acc, b_qr1, b_qr2, o_c, kr_h, v_h, o_bt, j_mid, n_keys, n_keys, L, qk_scale,
+        H, P, BLOCK_N, BLOCK_P, BLOCK_PH, True, DOT_PRECISION, EMULATE,
+    )  # fmt: skip
+
+    b_o = b_acc / b_l[:, None]
+    tl.store(o + o_qrow[:, None] + o_p[None, :], _to_store(b_o, o.dtype.element_ty, EMULATE), mask=m_tp)
+    tl.store(lse + i_bh.to(tl.int64) * T + o_t, b_m + tl.log2(b_l), mask=m_t)
+
+
+@triton.jit
+def _bwd_dq_inner(
+    b_dqr1,
+    b_dqr2,
+    b_qr1,
+    b_qr2,
+    b_do,
+    b_lse,
+    b_delta,
+    o_c,
+    kr_h,
+    v_h,
+    o_bt,
+    j_lo,
+    j_hi,
+    n_keys,
+    L,
+    qk_scale,
+    H: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_PH: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    EMULATE: tl.constexpr,
+):
+    """Accumulate dS @ K_rot over summary tiles [j_lo, j_hi) (unscaled, rotated frame)."""
+    DTYPE = kr_h.dtype.element_ty
+    o_p = tl.arange(0, BLOCK_P)
+    o_ph = tl.arange(0, BLOCK_PH)
+    m_p = _col_mask(o_p, P, BLOCK_P)
+    m_ph = _col_mask(o_ph, P // 2, BLOCK_PH)
+    for j0 in range(j_lo, j_hi, BLOCK_N):
+        o_j = j0 + tl.arange(0, BLOCK_N)
+        m_j = o_j < n_keys
+        b_kr1, b_kr2 = _load_halves(kr_h, o_j.to(tl.int64) * H * P, m_j, o_ph, m_ph, P // 2, False)
+        b_kr1 = _to_dot(b_kr1, DTYPE, EMULATE)
+        b_kr2 = _to_dot(b_kr2, DTYPE, EMULATE)
+        b_s = tl.dot(b_qr1, tl.trans(b_kr1), input_precision=DOT_PRECISION)
+        b_s = tl.dot(b_qr2, tl.trans(b_kr2), b_s, input_precision=DOT_PRECISION)
+        b_s = b_s * qk_scale
+        if CAUSAL:
+            b_s = tl.where(o_j[None, :] < o_c[:, None], b_s, float("-inf"))
+        b_p = tl.exp2(b_s - b_lse[:, None])
+        o_vrow = (o_bt + o_j * L + L - 1) * H * P
+        b_v = tl.load(v_h + o_vrow[:, None] + o_p[None, :], mask=m_j[:, None] & m_p[None, :], other=0.0)
+        b_dp = tl.dot(b_do, tl.trans(_to_dot(b_v, DTYPE, EMULATE)), input_precision=DOT_PRECISION)
+        b_ds = _to_dot(b_p * (b_dp - b_delta[:, None]), DTYPE, EMULATE)
+        b_dqr1 = tl.dot(b_ds, b_kr1, b_dqr1, input_precision=DOT_PRECISION)
+        b_dqr2 = tl.dot(b_ds, b_kr2, b_dqr2, input_precision=DOT_PRECISION)
+    return b_dqr1, b_dqr2
+
+
+@triton.jit
+def chunk_attention_bwd_kernel_dq(
+    q,
+    k,
+    v,
+    kr,
+    o,
+    do,
+    lse,
+    delta,
+    qr,
+    dq,
+    dk,
+    dv,
+    p_cos,
+    p_sin,
+    T,
+    C,
+    L,
+    scale,
+    qk_scale,
+    H: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_PH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    EMULATE: tl.constexpr,
+):
+    """Backward, query side: delta (B, H, T) fp32, the rotated queries qr, dq, own-state dk, dv.
+
+    Grid: (cdiv(T, BLOCK_M), B * H). Rows jL + L - 1 of dk, dv are overwritten afterwards by
+    ``chunk_attention_bwd_kernel_dkv`` with own-state plus summary gradients; qr (B, T, H, P) in
+    q's dtype holds the rotated queries that kernel streams.
+    """
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    DTYPE = q.dtype.element_ty
+    o_t = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_t = o_t < T
+    o_p = tl.arange(0, BLOCK_P)
+    o_ph = tl.arange(0, BLOCK_PH)
+    m_p = _col_mask(o_p, P, BLOCK_P)
+    m_ph = _col_mask(o_ph, P // 2, BLOCK_PH)
+    o_bt = i_b.to(tl.int64) * T
+    o_qrow = ((o_bt + o_t) * H + i_h) * P
+    m_tp = m_t[:, None] & m_p[None, :]
+    m_tph = m_t[:, None] & m_ph[None, :]
+    o_lse = i_bh.to(tl.int64) * T + o_t
+
+    b_q1, b_q2 = _load_halves(q, o_qrow, m_t, o_ph, m_ph, P // 2, False)
+    b_k1, b_k2 = _load_halves(k, o_qrow, m_t, o_ph, m_ph, P // 2, False)
+    b_q1, b_q2 = b_q1.to(tl.float32), b_q2.to(tl.float32)
+    b_k1, b_k2 = b_k1.to(tl.float32), b_k2.to(tl.float32)
+    b_v = tl.load(v + o_qrow[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
+    b_do = tl.load(do + o_qrow[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
+    b_o = tl.load(o + o_qrow[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
+    b_lse = tl.load(lse + o_lse, mask=m_t, other=0.0)
+    b_delta = tl.sum(b_do * b_o, 1)
+    tl.store(delta + o_lse, b_delta, mask=m_t)
+
+    b_ds_own, b_p_own = _own_grads(b_q1, b_q2, b_k1, b_k2, b_v, b_do, b_lse, b_delta, qk_scale)
+    p_dk1 = dk + o_qrow[:, None] + o_ph[None, :]
+    tl.store(p_dk1, _to_store(b_ds_own[:, None] * b_q1 * scale, dk.dtype.element_ty, EMULATE), mask=m_tph)
+    tl.store(p_dk1 + P // 2, _to_store(b_ds_own[:, None] * b_q2 * scale, dk.dtype.element_ty, EMULATE), mask=m_tph)
+    p_dv = dv + o_qrow[:, None] + o_p[None, :]
+    tl.store(p_dv, _to_store(b_p_own[:, None] * b_do, dv.dtype.element_ty, EMULATE), mask=m_tp)
+
+    o_c = o_t // L
+    b_cos, b_sin = _load_rope(p_cos, p_sin, o_c, m_t, o_ph, m_ph, P // 2, "")
+    b_qr1, b_qr2 = _rotate(b_q1, b_q2, b_cos, b_sin)
+    b_qr1 = _to_dot(b_qr1, DTYPE, EMULATE)
+    b_qr2 = _to_dot(b_qr2, DTYPE, EMULATE)
+    p_qr1 = qr + o_qrow[:, None] + o_ph[None, :]
+    tl.store(p_qr1, _to_store(b_qr1, qr.dtype.element_ty, EMULATE), mask=m_tph)
+    tl.store(p_qr1 + P // 2, _to_store(b_qr2, qr.dtype.element_ty, EMULATE), mask=m_tph)
+    b_do_dot = _to_dot(b_do, DTYPE, EMULATE)
+    # The own term dS_own * k joins the accumulator in the rotated frame (rotated forward here,
+    # back with the rest after the loop), so k, cos and sin need not stay live across the loop.
+    b_dqr1, b_dqr2 = _rotate(b_ds_own[:, None] * b_k1, b_ds_own[:, None] * b_k2, b_cos, b_sin)
+
+    c_first = (i_m * BLOCK_M) // L
+    n_keys = tl.minimum((tl.minimum(i_m * BLOCK_M + BLOCK_M, T) - 1) // L, C)
+    j_mid = (c_first // BLOCK_N) * BLOCK_N
+    kr_h = kr + i_b.to(tl.int64) * C * H * P + i_h * P
+    v_h = v + i_h * P
+    b_dqr1, b_dqr2 = _bwd_dq_inner(
+        b_dqr1, b_dqr2, b_qr1, b_qr2, b_do_dot, b_lse, b_delta, o_c, kr_h, v_h, o_bt, 0, j_mid, n_keys,
+        L, qk_scale, H, P, BLOCK_N, BLOCK_P, BLOCK_PH, False, DOT_PRECISION, EMULATE,
+    )  # fmt: skip
+    b_dqr1, b_dqr2 = _bwd_dq_inner(
+        b_dqr1, b_dqr2, b_qr1, b_qr2, b_do_dot, b_lse, b_delta, o_c, kr_h, v_h, o_bt, j_mid, n_keys, n_keys,
+        L, qk_scale, H, P, BLOCK_N, BLOCK_P, BLOCK_PH, True, DOT_PRECISION, EMULATE,
+    )  # fmt: skip
+    b_cos, b_sin = _load_rope(p_cos, p_sin, o_c, m_t, o_ph, m_ph, P // 2, ".cg")
+    b_dq1, b_dq2 = _rotate_back(b_dqr1, b_dqr2, b_cos, b_sin)
+    p_dq1 = dq + o_qrow[:, None] + o_ph[None, :]
+    tl.store(p_dq1, _to_store(b_dq1 * scale, dq.dtype.element_ty, EMULATE), mask=m_tph)
+    tl.store(p_dq1 + P // 2, _to_store(b_dq2 * scale, dq.dtype.element_ty, EMULATE), mask=m_tph)
+
+
+@triton.jit
+def _bwd_dkv_inner(
+    b_dkr1,
+    b_dkr2,
+    b_dv,
+    b_kr1,
+    b_kr2,
+    b_v,
+    o_j,
+    qr_h,
+    do_h,
+    lse,
+    delta,
+    o_bt,
+    o_bht,
+    t_lo,
+    t_hi,
+    T,
+    L,
+    qk_scale,
+    H: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_PH: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    EMULATE: tl.constexpr,
+):
+    """Accumulate dK_rot (unscaled) and dV of a summary tile over query tiles from t_lo to t_hi."""
+    DTYPE = qr_h.dtype.element_ty
+    o_p = tl.arange(0, BLOCK_P)
+    o_ph = tl.arange(0, BLOCK_PH)
+    m_p = _col_mask(o_p, P, BLOCK_P)
+    m_ph = _col_mask(o_ph, P // 2, BLOCK_PH)
+    for t0 in range(t_lo, t_hi, BLOCK_M):
+        o_t = t0 + tl.arange(0, BLOCK_M)
+        m_t = o_t < T
+        o_qrow = (o_bt + o_t) * H * P
+        # Rotated queries transposed (BLOCK_PH, BLOCK_M): scores come out key-major (BLOCK_N, BLOCK_M).
+        b_qrt1, b_qrt2 = _load_halves(qr_h, o_qrow, m_t, o_ph, m_ph, P // 2, True)
+        b_qrt1 = _to_dot(b_qrt1, DTYPE, EMULATE)
+        b_qrt2 = _to_dot(b_qrt2, DTYPE, EMULATE)
+        b_do = tl.load(do_h + o_qrow[:, None] + o_p[None, :], mask=m_t[:, None] & m_p[None, :], other=0.0)
+        b_do = _to_dot(b_do, DTYPE, EMULATE)
+        # lse = +inf past T: p = 0 there, so rows past the end add nothing.
+        b_lse = tl.load(lse + o_bht + o_t, mask=m_t, other=float("inf"))
+        b_delta = tl.load(delta + o_bht + o_t, mask=m_t, other=0.0)
+        b_st = tl.dot(b_kr1, b_qrt1, input_precision=DOT_PRECISION)
+        b_st = tl.dot(b_kr2, b_qrt2, b_st, input_precision=DOT_PRECISION)
+        b_st = b_st * qk_scale
+        if CAUSAL:
+            b_st = tl.where(o_j[:, None] < (o_t // L)[None, :], b_st, float("-inf"))
+        b_pt = tl.exp2(b_st - b_lse[None, :])
+        b_dv = tl.dot(_to_dot(b_pt, DTYPE, EMULATE), b_do, b_dv, input_precision=DOT_PRECISION)
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
+        b_dst = _to_dot(b_pt * (b_dpt - b_delta[None, :]), DTYPE, EMULATE)
+        b_dkr1 = tl.dot(b_dst, tl.trans(b_qrt1), b_dkr1, input_precision=DOT_PRECISION)
+        b_dkr2 = tl.dot(b_dst, tl.trans(b_qrt2), b_dkr2, input_precision=DOT_PRECISION)
+    return b_dkr1, b_dkr2, b_dv
+
+
+@triton.jit
+def chunk_attention_bwd_kernel_dkv(
+    q,
+    k,
+    v,
+    kr,
+    qr,
+    do,
+    lse,
+    delta,
+    dk,
+    dv,
+    p_cos,
+    p_sin,
+    T,
+    C,
+    L,
+    scale,
+    qk_scale,
+    H: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_PH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    EMULATE: tl.constexpr,
+):
+    """Backward, summary side: rows jL + L - 1 of dk, dv = own-state + summary gradients.
+
+    Grid: (cdiv(C, BLOCK_N), B * H); needs delta and qr from ``chunk_attention_bwd_kernel_dq``.
+    """
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    DTYPE = k.dtype.element_ty
+    o_j = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_j = o_j < C
+    o_p = tl.arange(0, BLOCK_P)
+    o_ph = tl.arange(0, BLOCK_PH)
+    m_p = _col_mask(o_p, P, BLOCK_P)
+    m_ph = _col_mask(o_ph, P // 2, BLOCK_PH)
+    o_bt = i_b.to(tl.int64) * T
+    o_bht = i_bh.to(tl.int64) * T
+    o_r = o_j * L + L - 1
+    o_krow = ((o_bt + o_r) * H + i_h) * P
+    m_jp = m_j[:, None] & m_p[None, :]
+    m_jph = m_j[:, None] & m_ph[None, :]
+
+    # Row jL + L - 1 is also its own query's own state: its term seeds the accumulators (dk in the
+    # rotated frame, like the summary term), so the raw rows need not stay live across the loop.
+    b_q1, b_q2 = _load_halves(q, o_krow, m_j, o_ph, m_ph, P // 2, False)
+    b_k1, b_k2 = _load_halves(k, o_krow, m_j, o_ph, m_ph, P // 2, False)
+    b_q1, b_q2 = b_q1.to(tl.float32), b_q2.to(tl.float32)
+    b_v = tl.load(v + o_krow[:, None] + o_p[None, :], mask=m_jp, other=0.0)
+    b_do = tl.load(do + o_krow[:, None] + o_p[None, :], mask=m_jp, other=0.0).to(tl.float32)
+    b_lse = tl.load(lse + o_bht + o_r, mask=m_j, other=0.0)
+    b_delta = tl.load(delta + o_bht + o_r, mask=m_j, other=0.0)
+    b_ds_own, b_p_own = _own_grads(
+        b_q1, b_q2, b_k1.to(tl.float32), b_k2.to(tl.float32), b_v.to(tl.float32), b_do, b_lse, b_delta, qk_scale
+    )
+    b_dv = b_p_own[:, None] * b_do
+    b_cos, b_sin = _load_rope(p_cos, p_sin, o_j, m_j, o_ph, m_ph, P // 2, "")
+    b_dkr1, b_dkr2 = _rotate(b_ds_own[:, None] * b_q1, b_ds_own[:, None] * b_q2, b_cos, b_sin)
+    o_kr = ((i_b.to(tl.int64) * C + o_j) * H + i_h) * P
+    b_kr1, b_kr2 = _load_halves(kr, o_kr, m_j, o_ph, m_ph, P // 2, False)
+    b_kr1 = _to_dot(b_kr1, DTYPE, EMULATE)
+    b_kr2 = _to_dot(b_kr2, DTYPE, EMULATE)
+    b_v = _to_dot(b_v, DTYPE, EMULATE)
+
+    # Queries that see key j: t >= (j + 1) L. Rows from (j0 + BLOCK_N) L on see the whole tile.
+    t_lo = (i_n * BLOCK_N + 1) * L
+    t_full = tl.minimum((i_n * BLOCK_N + BLOCK_N) * L, T)
+    t_mid = t_lo + tl.cdiv(t_full - t_lo, BLOCK_M) * BLOCK_M
+    qr_h, do_h = qr + i_h * P, do + i_h * P
+    b_dkr1, b_dkr2, b_dv = _bwd_dkv_inner(
+        b_dkr1, b_dkr2, b_dv, b_kr1, b_kr2, b_v, o_j, qr_h, do_h, lse, delta, o_bt, o_bht, t_lo, t_mid, T, L,
+        qk_scale, H, P, BLOCK_M, BLOCK_P, BLOCK_PH, True, DOT_PRECISION, EMULATE,
+    )  # fmt: skip
+    b_dkr1, b_dkr2, b_dv = _bwd_dkv_inner(
+        b_dkr1, b_dkr2, b_dv, b_kr1, b_kr2, b_v, o_j, qr_h, do_h, lse, delta, o_bt, o_bht, t_mid, T, T, L,
+        qk_scale, H, P, BLOCK_M, BLOCK_P, BLOCK_PH, False, DOT_PRECISION, EMULATE,
+    )  # fmt: skip
+    b_cos, b_sin = _load_rope(p_cos, p_sin, o_j, m_j, o_ph, m_ph, P // 2, ".cg")
+    b_dk1, b_dk2 = _rotate_back(b_dkr1, b_dkr2, b_cos, b_sin)
+    p_dk1 = dk + o_krow[:, None] + o_ph[None, :]
+    tl.store(p_dk1, _to_store(b_dk1 * scale, dk.dtype.element_ty, EMULATE), mask=m_jph)
+    tl.store(p_dk1 + P // 2, _to_store(b_dk2 * scale, dk.dtype.element_ty, EMULATE), mask=m_jph)
+    tl.store(dv + o_krow[:, None] + o_p[None, :], _to_store(b_dv, dv.dtype.element_ty, EMULATE), mask=m_jp)
+
+
+def _rope_tables(length: int, chunk_size: int, head_dim: int, base: float, device: torch.device):
+    """(positions, P/2) fp32 cos and sin of every chunk index in a sequence of ``length``."""
+    positions = torch.arange((length - 1) // chunk_size + 1, device=device)
+    cos, sin = rope_angles(positions, head_dim, base, torch.float32)
+    half = head_dim // 2
+    return cos[:, :half].contiguous(), sin[:, :half].contiguous()
+
+
+def _rotated_summaries(k: torch.Tensor, chunk_size: int, base: float) -> torch.Tensor:
+    """(B, C, H, P) summaries k[jL + L - 1] rotated to position j, in k's dtype (contiguous); k if C = 0.
+
+    1/L of k, built once per call: rotating them inside the kernels instead would cost, for
+    every (query tile, summary tile) pair, a cos/sin load as large as the K and V tiles together.
+    """
+    chunks = k.shape[1] // chunk_size
+    if chunks == 0:
+        # Nothing to read; k stands in so that no kernel gets the null pointer of an empty tensor.
+        return k
+    summaries = k[:, chunk_size - 1 :: chunk_size][:, :chunks]
+    positions = torch.arange(chunks, device=k.device)
+    return apply_rope(summaries, positions, base).to(k.dtype).contiguous()
+
+
+def _launch_options(q: torch.Tensor) -> dict:
+    """Constexprs shared by every kernel: head-dim blocks, dot precision, bf16 emulation."""
+    head_dim = q.shape[-1]
+    return {
+        "H": q.shape[2],
+        "P": head_dim,
+        # Two dots over P/2 need P/2 padded to a power of two, at least 16 for tl.dot on GPUs.
+        "BLOCK_P": max(16, triton.next_power_of_2(head_dim)),
+        "BLOCK_PH": max(16, triton.next_power_of_2(head_dim // 2)),
+        # fp32 dots follow torch's matmul setting: IEEE fp32 unless tf32 is allowed
+        # (torch.set_float32_matmul_precision("high")); fp16 / bf16 dots ignore it.
+        "DOT_PRECISION": "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",
+        # The kernels were decorated for the interpreter (TRITON_INTERPRET=1 at import) if they are
+        # not JITFunctions; triton.knobs, the newer switch, is not in every supported Triton.
+        "EMULATE": not isinstance(chunk_attention_fwd_kernel, JITFunction) and q.dtype == torch.bfloat16,
+    }
+
+
+def chunk_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    chunk_size: int,
+    rope_base: float,
+    scale: float,
+    config: KernelConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel.
+
+    Args:
+        q, k, v: ``(B, T, H, P)`` of one dtype (fp16, bf16 or fp32), P even.
+        chunk_size: L; rope_base, scale: as in the reference.
+        config: tiles and launch options; default ``CONFIGS["fwd"]`` (``"fwd_fp32"`` for fp32).
+
+    Returns:
+        ``o`` ``(B, T, H, P)`` in q's dtype and ``lse`` ``(B, H, T)`` fp32, the log2-domain
+        log-sum-exp of the scores times ``scale * log2(e)`` (what the backward needs).
+    """
+    batch, length, heads, head_dim = q.shape
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    o = torch.empty_like(q)
+    lse = torch.empty(batch, heads, length, device=q.device, dtype=torch.float32)
+    if q.numel() == 0:
+        return o, lse
+    config = config or _config("fwd", q.dtype)
+    cos, sin = _rope_tables(length, chunk_size, head_dim, rope_base, q.device)
+    kr = _rotated_summaries(k, chunk_size, rope_base)
+    grid = (triton.cdiv(length, config.block_m), batch * heads)
+    chunk_attention_fwd_kernel[grid](
+        q, k, v, kr, o, lse, cos, sin, length, length // chunk_size, chunk_size, scale * _LOG2E,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
+        **_launch_options(q),
+    )  # fmt: skip
+    return o, lse
+
+
+def chunk_attention_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    chunk_size: int,
+    rope_base: float,
+    scale: float,
+    config_dq: KernelConfig | None = None,
+    config_dkv: KernelConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the two backward kernels (dq and own-state terms, then the summaries).
+
+    Args:
+        do: ``(B, T, H, P)`` upstream gradient of o.
+        q, k, v, o, lse: the forward's inputs and outputs (see :func:`chunk_attention_fwd`).
+        chunk_size, rope_base, scale: as in the forward.
+        config_dq, config_dkv: tiles and launch options; default ``CONFIGS["dq"]``, ``CONFIGS["dkv"]``.
+
+    Returns:
+        ``(dq, dk, dv)``, each ``(B, T, H, P)`` in its input's dtype.
+    """
+    batch, length, heads, head_dim = q.shape
+    q, k, v, o, do = q.contiguous(), k.contiguous(), v.contiguous(), o.contiguous(), do.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if q.numel() == 0:
+        return dq, dk, dv
+    config_dq = config_dq or _config("dq", q.dtype)
+    config_dkv = config_dkv or _config("dkv", q.dtype)
+    # delta = rowsum(dO * O) and the rotated queries, written by the dq kernel for the dkv kernel.
+    delta, qr = torch.empty_like(lse), torch.empty_like(q)
+    cos, sin = _rope_tables(length, chunk_size, head_dim, rope_base, q.device)
+    kr = _rotated_summaries(k, chunk_size, rope_base)
+    chunks = length // chunk_size
+    options = _launch_options(q)
+    grid = (triton.cdiv(length, config_dq.block_m), batch * heads)
+    chunk_attention_bwd_kernel_dq[grid](
+        q, k, v, kr, o, do, lse, delta, qr, dq, dk, dv, cos, sin, length, chunks, chunk_size, scale, scale * _LOG2E,
+        BLOCK_M=config_dq.block_m, BLOCK_N=config_dq.block_n, num_warps=config_dq.num_warps,
+        num_stages=config_dq.num_stages, **options,
+    )  # fmt: skip
+    if chunks:
+        grid = (triton.cdiv(chunks, config_dkv.block_n), batch * heads)
+        chunk_attention_bwd_kernel_dkv[grid](
+            q, k, v, kr, qr, do, lse, delta, dk, dv, cos, sin, length, chunks, chunk_size, scale, scale * _LOG2E,
+            BLOCK_M=config_dkv.block_m, BLOCK_N=config_dkv.block_n, num_warps=config_dkv.num_warps,
+            num_stages=config_dkv.num_stages, **options,
+        )  # fmt: skip
+    return dq, dk, dv
+
+
+@torch.library.custom_op("rat_lightning::chunk_attention_fwd", mutates_args=())
+def _fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int, rope_base: float, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return chunk_attention_fwd(q, k, v, chunk_size, rope_base, scale)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, chunk_size, rope_base, scale):
+    batch, length, heads, _ = q.shape
+    return torch.empty_like(q), q.new_empty((batch, heads, length), dtype=torch.float32)
+
+
+@torch.library.custom_op("rat_lightning::chunk_attention_bwd", mutates_args=())
+def _bwd_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    chunk_size: int,
+    rope_base: float,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return chunk_attention_bwd(do, q, k, v, o, lse, chunk_size, rope_base, scale)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(do, q, k, v, o, lse, chunk_size, rope_base, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, chunk_size, rope_base, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.args = (chunk_size, rope_base, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, *ctx.args)
+    return dq, dk, dv, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def chunk_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    chunk_size: int,
+    rope_base: float = 10000.0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Differentiable Triton chunk attention (torch custom op ``rat_lightning::chunk_attention_fwd``).
+
+    Args:
+        q, k, v: ``(B, T, H, P)``, fp16 / bf16 / fp32 (promoted to one dtype), P even.
+        chunk_size: L.
+        rope_base: RoPE base; positions are chunk indices.
+        scale: default ``P ** -0.5``.
+
+    Returns:
+        ``(B, T, H, P)`` in q's dtype.
+    """
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    o, _ = _fwd_op(q.to(dtype), k.to(dtype), v.to(dtype), chunk_size, float(rope_base), scale)
+    return o.to(q.dtype)
