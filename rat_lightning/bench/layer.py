@@ -48,9 +48,12 @@ def bench_layer(
     chunk_size: int = 16,
     seq_lens: tuple[int, ...] = (4096, 16384, 65536, 131072),
     dtype: torch.dtype = torch.bfloat16,
-    with_compiled_reference: bool = True,
+    reference_max_len: int = 16384,
 ) -> list[dict]:
     """Time RAT (default backend), RAT reference under torch.compile, attention, and the floor parts.
+
+    Args:
+        reference_max_len: longest T at which the compiled reference is timed.
 
     Returns:
         One dict per (T, variant) with ``fwd_bwd_ms`` and ``fwd_ms``.
@@ -63,7 +66,8 @@ def bench_layer(
         rat = RAT(d_model, heads, groups, chunk_size).to(device, dtype)
         attention = Attention(d_model, heads).to(device, dtype)
         variants: dict[str, torch.nn.Module] = {"rat": rat, "attention_sdpa": attention}
-        if with_compiled_reference:
+        # The reference materialises T x T/L scores: past 16K they no longer fit in memory.
+        if length <= reference_max_len:
             reference = RAT(d_model, heads, groups, chunk_size, backend="reference").to(device, dtype)
             reference.load_state_dict(rat.state_dict())
             variants["rat_reference_compiled"] = torch.compile(reference)
