@@ -1,0 +1,43 @@
+"""Plot a layer-benchmark JSON (from :mod:`rat_lightning.bench.layer`) beside the targets.
+
+    python -m rat_lightning.bench.plot docs/benchmarks/layer_h100.json docs/benchmarks/layer_h100.png
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# The kernels issue's H100 reference points (fwd+bwd ms at 262,144 tokens per step).
+FLOOR = {4096: 47, 16384: 53, 65536: 72, 131072: 101}
+PAPER_CODE = {4096: 153, 16384: 161, 65536: 190, 131072: 227}
+
+
+def plot_layer(path: str, out: str) -> None:
+    """Forward+backward ms against T for each variant, with the floor and the paper's code."""
+    rows = json.load(open(path))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for variant in ("rat", "attention_sdpa", "rat_reference_compiled"):
+        points = sorted((r["T"], r["fwd_bwd_ms"]) for r in rows if r["variant"] == variant and r["fwd_bwd_ms"] == r["fwd_bwd_ms"])
+        if points:
+            ax.plot(*zip(*points), marker="o", label=f"{variant} (ours, measured)")
+    for name, table, style in (("floor (issue 6)", FLOOR, "k--"), ("paper's RAT code (issue 6)", PAPER_CODE, "k:")):
+        ax.plot(list(table), list(table.values()), style, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length T (batch = 262,144 / T)")
+    ax.set_ylabel("forward + backward, ms")
+    ax.set_title("One layer, d=2048, 16x128 heads, L=16, G=2, bf16, H100")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+if __name__ == "__main__":
+    plot_layer(sys.argv[1], sys.argv[2])
