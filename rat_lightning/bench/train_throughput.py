@@ -1,0 +1,89 @@
+"""Model-level training throughput and MFU on one GPU: the 1.3B RAT and attention models.
+
+    python -m rat_lightning.bench.train_throughput out.json
+
+Each model trains on random tokens at seq 4096 in bf16 autocast with fp32 master weights and
+fused AdamW (the optimizer step included in the time), eager and under torch.compile, at the
+largest batch of (8, 4, 2, 1) that fits. MFU = FLOPs per token (``model.flops_per_token``,
+which counts attention and the recurrence, not 6N alone) x tokens/s / dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from rat_lightning.model import ModelConfig, RATLanguageModel
+
+# Dense (not sparse) bf16 tensor peaks; the H100 SXM's is the datasheet's 989 TFLOP/s.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
+
+
+def _peak() -> float:
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16.items() if k in name), 989e12)
+
+
+def measure(mixer: str, seq_len: int = 4096, compile: bool = False, steps: int = 8) -> dict:
+    """Tokens/s and MFU of one training configuration, at the largest batch that fits."""
+    config = ModelConfig(
+        vocab_size=32000, d_model=2048, n_layers=24, n_heads=16, n_groups=2, chunk_size=16, mixer=mixer,
+        max_seq_len=seq_len,
+    )  # fmt: skip
+    for batch in (8, 4, 2, 1):
+        model = optimizer = None
+        torch.cuda.empty_cache()
+        try:
+            model = RATLanguageModel(config).cuda()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+            step_model = torch.compile(model) if compile else model
+            ids = torch.randint(0, 32000, (batch, seq_len + 1), device="cuda")
+
+            def step() -> None:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    logits = step_model(ids[:, :-1])
+                F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            for _ in range(3):
+                step()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            times = []
+            for _ in range(steps):
+                start.record()
+                step()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            seconds = sorted(times)[len(times) // 2]
+            tokens_per_s = batch * seq_len / seconds
+            flops = model.flops_per_token(seq_len)
+            return {
+                "mixer": mixer, "compile": compile, "batch": batch, "seq_len": seq_len,
+                "params": model.num_parameters(), "step_s": seconds, "tokens_per_s": tokens_per_s,
+                "flops_per_token": flops, "mfu": flops * tokens_per_s / _peak(),
+                "max_memory_gb": torch.cuda.max_memory_allocated() / 1e9,
+            }  # fmt: skip
+        except torch.OutOfMemoryError:
+            continue
+        finally:
+            del model, optimizer
+            torch.cuda.reset_peak_memory_stats()
+    return {"mixer": mixer, "compile": compile, "error": "out of memory at batch 1"}
+
+
+if __name__ == "__main__":
+    rows = [measure(mixer, compile=c) for c in (False, True) for mixer in ("rat", "attention")]
+    for r in rows:
+        if "error" in r:
+            print(r)
+        else:
+            print(f"{r['mixer']:10} compile={r['compile']!s:5} batch {r['batch']} {r['tokens_per_s']:9.0f} tok/s "
+                  f"MFU {100 * r['mfu']:5.1f}%  step {r['step_s'] * 1e3:7.1f} ms  mem {r['max_memory_gb']:.1f} GB")
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], "w") as handle:
+            json.dump(rows, handle, indent=1)
