@@ -34,8 +34,6 @@ def measure(mixer: str, seq_len: int = 4096, compile: bool = False, steps: int =
         max_seq_len=seq_len,
     )  # fmt: skip
     for batch in (8, 4, 2, 1):
-        model = optimizer = None
-        torch.cuda.empty_cache()
         try:
             model = RATLanguageModel(config).cuda()
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -71,7 +69,9 @@ def measure(mixer: str, seq_len: int = 4096, compile: bool = False, steps: int =
         except torch.OutOfMemoryError:
             continue
         finally:
-            del model, optimizer
+            # Drop every reference (the compiled wrapper and the closure too) before a smaller try.
+            model = optimizer = step_model = ids = step = None
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
     return {"mixer": mixer, "compile": compile, "error": "out of memory at batch 1"}
 
