@@ -72,6 +72,31 @@ def _run_prepare(args: list[str]) -> None:
     log.info("wrote %s", manifest)
 
 
+def check_config_files(argv: list[str]) -> None:
+    """Read every ``--config``/``-c`` file before LightningCLI does, so that a missing file or a
+    YAML syntax error is reported as ``file:line:column`` (jsonargparse may only say
+    "<unicode string>").
+
+    Raises:
+        ConfigError: naming the file, the position and the problem.
+    """
+    import yaml
+
+    paths = [b for a, b in zip(argv, argv[1:]) if a in ("--config", "-c")]
+    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for path in paths:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file {path} does not exist; check the path (configs live in configs/)")
+        try:
+            yaml.safe_load(file.read_text())
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+            problem = getattr(error, "problem", None) or str(error)
+            raise ConfigError(f"{where}: invalid YAML ({problem}); fix the file's syntax") from error
+
+
 def main(args: list[str] | None = None) -> RATLightningCLI | None:
     """Entry point of the ``rat-lightning`` command.
 
@@ -90,6 +115,7 @@ def main(args: list[str] | None = None) -> RATLightningCLI | None:
         if argv[:1] == ["prepare"]:
             _run_prepare(argv[1:])
             return None
+        check_config_files(argv)
         return RATLightningCLI(
             LanguageModelModule,
             PretrainDataModule,

@@ -165,4 +165,11 @@ def test_bad_yaml_file_names_the_file(tmp_path, capsys):
     config.write_text("model:\n  config:\n    d_model: [unclosed\n")
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(config)])
-    assert "broken.yaml" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{config}:4:1: invalid YAML" in err
+
+
+def test_missing_config_file_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(tmp_path / "nope.yaml")])
+    assert "nope.yaml does not exist" in capsys.readouterr().err
