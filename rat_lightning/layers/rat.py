@@ -86,7 +86,7 @@ class RAT(Mixer):
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         z, value, gate, query, key = self.w_in(x).split(self.sizes, dim=-1)
-        query = split_heads(query, self.n_groups)
+        query = split_heads(query, self.n_groups).repeat_interleave(self.n_heads // self.n_groups, dim=-2)
         return z, split_heads(value, self.n_heads), split_heads(gate, self.n_heads), query, split_heads(
             key, self.n_groups
         )
@@ -97,7 +97,6 @@ class RAT(Mixer):
         sx, sk = gated_recurrence(
             value, gate, key, gate_bias=self.gate_bias, chunk_size=self.chunk_size, backend=self.backend
         )
-        # The G query groups go in as they are: head h reads group h // (H / G), no repeated copy.
         attn = chunk_attention(query, sk, sx, self.chunk_size, rope_base=self.rope_base, backend=self.backend)
         return self.w_out(torch.sigmoid(z) * attn.flatten(2))
 
@@ -110,7 +109,6 @@ class RAT(Mixer):
         z, value, gate, query, key = self._project(x)
         previous = None if cache.position % self.chunk_size == 0 else cache.state
         sx, sk = gated_recurrence_step(value, gate, previous, key, gate_bias=self.gate_bias)
-        query = query.repeat_interleave(self.n_heads // self.n_groups, dim=-2)
         attn = chunk_attention_step(query, sk, sx, *self._summaries(cache, sx), rope_base=self.rope_base)
         out = self.w_out((torch.sigmoid(z.to(attn.dtype)) * attn.flatten(1)).to(x.dtype))
         chunk_keys, chunk_values, state = cache.chunk_keys, cache.chunk_values, (sx, sk)

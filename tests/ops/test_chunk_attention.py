@@ -45,27 +45,9 @@ def test_step_equals_parallel():
         assert_close(out, full[:, t], 1e-12, f"t={t}")
 
 
-def test_grouped_queries_equal_repeated():
-    """q of G groups: head h uses group h // (H / G), the same as repeating each group H / G times."""
-    q = torch.randn(2, 11, 2, 8, dtype=torch.float64, requires_grad=True)
-    k, v = (torch.randn(2, 11, 6, 8, dtype=torch.float64) for _ in range(2))
-    repeated = q.detach().repeat_interleave(3, dim=2).requires_grad_()
-    grad = torch.randn(2, 11, 6, 8, dtype=torch.float64)
-    out = chunk_attention(q, k, v, 3)
-    expected = chunk_attention(repeated, k, v, 3)
-    assert_close(out, expected, 0.0)
-    out.backward(grad)
-    expected.backward(grad)
-    assert_close(q.grad, repeated.grad.unflatten(2, (2, 3)).sum(3), 1e-12)
-
-
 def test_bad_shapes_are_named():
     q = torch.zeros(1, 4, 2, 8)
-    with pytest.raises(ValueError, match="k and v must both be"):
+    with pytest.raises(ValueError, match="q, k, v must all be"):
         chunk_attention(q, q[:, :3], q, 2)
-    with pytest.raises(ValueError, match="groups dividing heads = 2"):
-        chunk_attention(torch.zeros(1, 4, 3, 8), q, q, 2)
-    with pytest.raises(ValueError, match="q must be"):
-        chunk_attention(q[:, :3], q, q, 2)
     with pytest.raises(ValueError, match="chunk_size must be"):
         chunk_attention(q, q, q, 0)

@@ -30,8 +30,7 @@ def chunk_attention(
     """Softmax over previous chunk summaries plus the own running state, chunk-index RoPE.
 
     Args:
-        q: ``(B, T, G, P)`` queries, G dividing H (head h uses query group h // (H / G); G = H
-            for one query per head); k, v: ``(B, T, H, P)`` recurrent states.
+        q: ``(B, T, H, P)`` queries; k, v: ``(B, T, H, P)`` recurrent states.
         chunk_size: L (positive int).
         rope_base: RoPE base.
         scale: default ``P ** -0.5``.
@@ -41,14 +40,10 @@ def chunk_attention(
     Returns:
         ``(B, T, H, P)`` in q's dtype.
     """
-    if k.dim() != 4 or v.shape != k.shape:
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(
-            f"k and v must both be (batch, seq, heads, head_dim); got {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if q.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3] or q.shape[2] < 1 or k.shape[2] % q.shape[2]:
-        raise ValueError(
-            f"q must be (batch, seq, groups, head_dim) like k, v with groups dividing heads = {k.shape[2]}; "
-            f"got q {tuple(q.shape)}, k {tuple(k.shape)}"
+            f"q, k, v must all be (batch, seq, heads, head_dim); got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
         )
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")

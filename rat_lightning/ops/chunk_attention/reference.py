@@ -24,7 +24,7 @@ def chunk_attention_reference(
     """Inter-chunk softmax attention over chunk summaries plus the own state.
 
     Args:
-        q: ``(B, T, G, P)`` queries (not rotated), G dividing H: head h uses group h // (H / G).
+        q: ``(B, T, H, P)`` queries (not rotated).
         k: ``(B, T, H, P)`` key states from the intra-chunk recurrence (not rotated).
         v: ``(B, T, H, P)`` value states.
         chunk_size: L.
@@ -34,9 +34,8 @@ def chunk_attention_reference(
     Returns:
         ``(B, T, H, P)`` in q's dtype.
     """
-    batch, length, heads, dim = k.shape
+    batch, length, heads, dim = q.shape
     scale = dim**-0.5 if scale is None else scale
-    q = q.repeat_interleave(heads // q.shape[2], dim=2)
     chunk_of = torch.arange(length, device=q.device) // chunk_size
     full_chunks = length // chunk_size
     q_rot = apply_rope(q, chunk_of, rope_base)
