@@ -4,31 +4,20 @@ Maths (see :mod:`.reference`): query t in chunk c = t // L attends in one softma
 summaries K_j = k[jL + L - 1], V_j = v[jL + L - 1] of the finished chunks j < c (RoPE at
 position j on K_j, position c on q) and to its own state (score q_t . k_t unrotated, value v_t).
 
-Kernels (grid axis 1 is batch * heads, or batch * q groups; tiles in :data:`CONFIGS`):
+Kernels (grid axis 1 is always batch * heads; tiles in :data:`CONFIGS`):
 
 - ``chunk_attention_fwd_kernel``: one program per block_m queries. It rotates its queries once,
   starts the online softmax (fp32, base 2) from the own-state term, so the running max is finite
   from the start, then loops over tiles of block_n summaries: tiles below the tile's first chunk
   need no mask, the last one or two get the mask j < c(t). Writes o and the log2-domain
   log-sum-exp per (b, h, t).
-- ``chunk_attention_bwd_kernel_prep``: per block_m queries and q group: delta = rowsum(dO * O)
-  and the own-state gradients dk_t, dv_t of each of the group's heads, the rotated queries qr (a
-  scratch copy the dkv kernel streams), and the fp32 dq accumulator seeded with the own-state dq
-  (summed over the group's heads). No loop over summaries: it costs a few elementwise passes.
-- ``chunk_attention_bwd_kernel_dkv``: per block_n summaries (FA2's order): loops over the query
-  tiles that see them with five matmuls per tile pair (S^T = K Q^T, dV += P^T dO, dP^T = V dO^T,
-  dK += dS^T Q, dQ = dS K), keeps dK_j, dV_j in registers (seeded with the own-state terms of
-  rows jL + L - 1, whose rows it overwrites) and adds dQ to the fp32 accumulator with relaxed
-  atomics. The previous scheme, a dq kernel looping over summaries beside this one, recomputed
-  S and dP there: 7 matmuls per pair. Atomics make dq's summation order, and so its last fp32
-  bits, vary from run to run on a GPU (dk, dv stay deterministic); the interpreter runs programs
-  in order.
-- ``chunk_attention_bwd_kernel_dq``: rotates the accumulator back, scales it and casts it to q's
-  dtype.
-
-Grouped queries: q may be (B, T, G, P) with G dividing H; head h reads q group h // (H / G)
-(no repeated copy of q), and dq of a group sums its heads (in the pre-pass loop for the own
-state, through the atomics for the summaries).
+- ``chunk_attention_bwd_kernel_dq``: per block_m queries: delta = rowsum(dO * O), the rotated
+  queries (both stored for the next kernel), dq (summaries + own state), and the own-state
+  gradients dk_t, dv_t of every row.
+- ``chunk_attention_bwd_kernel_dkv``: per block_n summaries: loops over the query tiles that see
+  them, accumulates dK_j, dV_j on top of the own-state gradients of rows jL + L - 1 and
+  overwrites those rows of dk, dv. It runs after the dq kernel on the same stream, so neither
+  atomics nor a scatter are needed.
 
 RoPE (rotate-half: pairs i and i + P/2): every row is loaded as its two halves of P/2, so the
 rotation needs no register permute and a score is the sum of two dots over P/2. Queries are
@@ -61,8 +50,8 @@ _LOG2E = 1.4426950408889634
 class KernelConfig(NamedTuple):
     """Launch configuration of one kernel: tile sizes (powers of two) and launch options.
 
-    block_m: queries per tile; block_n: summaries per tile (the fwd kernel loops over summary
-    tiles for a query tile, the dkv kernel over query tiles for a summary tile; 0 where unused).
+    block_m: queries per tile; block_n: summaries per tile (the fwd and dq kernels loop over
+    summary tiles for a query tile, the dkv kernel over query tiles for a summary tile).
     """
 
     block_m: int
@@ -71,23 +60,18 @@ class KernelConfig(NamedTuple):
     num_stages: int
 
 
-# Per kernel and dot dtype. The 16-bit forward keeps its inner loop free of register spills on
-# sm_90 at P = 128 (ptxas report of an offline build for Triton 3.9): P, the A operand of the
-# second dot, puts the warps along its rows, so it wants block_m >= 16 * num_warps. The dkv
-# kernel has two such dots, dS^T @ Q (rows: block_n) and dS @ K (rows: block_m); its tiles are
-# those of the former dkv kernel, not yet swept for the added dq dot
-# (``python -m rat_lightning.bench.tune_chunk_attention`` on the GPU). prep and dq are
-# elementwise passes (block_n unused). fp32 is the accuracy path: its IEEE dots run on FMA units
-# and spill at any tile size, least with small tiles.
+# Per kernel and dot dtype. The 16-bit ones keep the inner loops free of register spills on
+# sm_90 at P = 128 (ptxas report of an offline build for Triton 3.9): P / dS, the A operand of
+# the second dot, puts the warps along its rows, so the dq kernel wants block_m >= 16 * num_warps
+# and the dkv kernel block_n >= 16 * num_warps. fp32 is the accuracy path: its IEEE dots run on
+# FMA units and spill at any tile size, least with small tiles. To be tuned on the GPU.
 CONFIGS = {
     "fwd": KernelConfig(128, 64, 8, 2),
-    "prep": KernelConfig(64, 0, 4, 1),
+    "dq": KernelConfig(64, 32, 4, 3),
     "dkv": KernelConfig(32, 64, 4, 3),
-    "dq": KernelConfig(64, 0, 4, 1),
     "fwd_fp32": KernelConfig(64, 32, 4, 1),
-    "prep_fp32": KernelConfig(32, 0, 4, 1),
+    "dq_fp32": KernelConfig(32, 32, 4, 1),
     "dkv_fp32": KernelConfig(32, 64, 8, 1),
-    "dq_fp32": KernelConfig(64, 0, 4, 1),
 }
 
 
@@ -254,7 +238,6 @@ def chunk_attention_fwd_kernel(
     L,
     qk_scale,
     H: tl.constexpr,
-    G: tl.constexpr,
     P: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -265,14 +248,12 @@ def chunk_attention_fwd_kernel(
 ):
     """Forward: o (B, T, H, P) in q's dtype and lse (B, H, T) fp32 (log2 domain, scaled scores).
 
-    Grid: (cdiv(T, BLOCK_M), B * H). q contiguous (B, T, G, P), head h reading group h // (H / G);
-    k, v contiguous (B, T, H, P); kr the (B, C, H, P) rotated
+    Grid: (cdiv(T, BLOCK_M), B * H). q, k, v contiguous (B, T, H, P); kr the (B, C, H, P) rotated
     summaries; p_cos, p_sin the (positions, P/2) fp32 RoPE tables; C = T // L finished chunks;
     qk_scale = scale * log2(e).
     """
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    i_g = i_h // (H // G)
     DTYPE = q.dtype.element_ty
     o_t = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_t = o_t < T
@@ -282,16 +263,16 @@ def chunk_attention_fwd_kernel(
     m_ph = _col_mask(o_ph, P // 2, BLOCK_PH)
     # int64: (b * T + t) * H * P passes 2^31 at a few billion elements.
     o_bt = i_b.to(tl.int64) * T
-    o_row = ((o_bt + o_t) * H + i_h) * P
+    o_qrow = ((o_bt + o_t) * H + i_h) * P
     m_tp = m_t[:, None] & m_p[None, :]
 
-    b_q1, b_q2 = _load_halves(q, ((o_bt + o_t) * G + i_g) * P, m_t, o_ph, m_ph, P // 2, False)
-    b_k1, b_k2 = _load_halves(k, o_row, m_t, o_ph, m_ph, P // 2, False)
+    b_q1, b_q2 = _load_halves(q, o_qrow, m_t, o_ph, m_ph, P // 2, False)
+    b_k1, b_k2 = _load_halves(k, o_qrow, m_t, o_ph, m_ph, P // 2, False)
     b_q1, b_q2 = b_q1.to(tl.float32), b_q2.to(tl.float32)
     # Own state first: q_t . k_t unrotated (the equal rotations cancel), value v_t.
     b_m = (tl.sum(b_q1 * b_k1.to(tl.float32), 1) + tl.sum(b_q2 * b_k2.to(tl.float32), 1)) * qk_scale
     b_l = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
-    b_acc = tl.load(v + o_row[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
+    b_acc = tl.load(v + o_qrow[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
 
     o_c = o_t // L
     b_cos, b_sin = _load_rope(p_cos, p_sin, o_c, m_t, o_ph, m_ph, P // 2, "")
@@ -315,47 +296,103 @@ def chunk_attention_fwd_kernel(
     )  # fmt: skip
 
     b_o = b_acc / b_l[:, None]
-    tl.store(o + o_row[:, None] + o_p[None, :], _to_store(b_o, o.dtype.element_ty, EMULATE), mask=m_tp)
+    tl.store(o + o_qrow[:, None] + o_p[None, :], _to_store(b_o, o.dtype.element_ty, EMULATE), mask=m_tp)
     tl.store(lse + i_bh.to(tl.int64) * T + o_t, b_m + tl.log2(b_l), mask=m_t)
 
 
 @triton.jit
-def chunk_attention_bwd_kernel_prep(
+def _bwd_dq_inner(
+    b_dqr1,
+    b_dqr2,
+    b_qr1,
+    b_qr2,
+    b_do,
+    b_lse,
+    b_delta,
+    o_c,
+    kr_h,
+    v_h,
+    o_bt,
+    j_lo,
+    j_hi,
+    n_keys,
+    L,
+    qk_scale,
+    H: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_PH: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    EMULATE: tl.constexpr,
+):
+    """Accumulate dS @ K_rot over summary tiles [j_lo, j_hi) (unscaled, rotated frame)."""
+    DTYPE = kr_h.dtype.element_ty
+    o_p = tl.arange(0, BLOCK_P)
+    o_ph = tl.arange(0, BLOCK_PH)
+    m_p = _col_mask(o_p, P, BLOCK_P)
+    m_ph = _col_mask(o_ph, P // 2, BLOCK_PH)
+    for j0 in range(j_lo, j_hi, BLOCK_N):
+        o_j = j0 + tl.arange(0, BLOCK_N)
+        m_j = o_j < n_keys
+        b_kr1, b_kr2 = _load_halves(kr_h, o_j.to(tl.int64) * H * P, m_j, o_ph, m_ph, P // 2, False)
+        b_kr1 = _to_dot(b_kr1, DTYPE, EMULATE)
+        b_kr2 = _to_dot(b_kr2, DTYPE, EMULATE)
+        b_s = tl.dot(b_qr1, tl.trans(b_kr1), input_precision=DOT_PRECISION)
+        b_s = tl.dot(b_qr2, tl.trans(b_kr2), b_s, input_precision=DOT_PRECISION)
+        b_s = b_s * qk_scale
+        if CAUSAL:
+            b_s = tl.where(o_j[None, :] < o_c[:, None], b_s, float("-inf"))
+        b_p = tl.exp2(b_s - b_lse[:, None])
+        o_vrow = (o_bt + o_j * L + L - 1) * H * P
+        b_v = tl.load(v_h + o_vrow[:, None] + o_p[None, :], mask=m_j[:, None] & m_p[None, :], other=0.0)
+        b_dp = tl.dot(b_do, tl.trans(_to_dot(b_v, DTYPE, EMULATE)), input_precision=DOT_PRECISION)
+        b_ds = _to_dot(b_p * (b_dp - b_delta[:, None]), DTYPE, EMULATE)
+        b_dqr1 = tl.dot(b_ds, b_kr1, b_dqr1, input_precision=DOT_PRECISION)
+        b_dqr2 = tl.dot(b_ds, b_kr2, b_dqr2, input_precision=DOT_PRECISION)
+    return b_dqr1, b_dqr2
+
+
+@triton.jit
+def chunk_attention_bwd_kernel_dq(
     q,
     k,
     v,
+    kr,
     o,
     do,
     lse,
     delta,
     qr,
-    dqr,
+    dq,
     dk,
     dv,
     p_cos,
     p_sin,
     T,
+    C,
     L,
     scale,
     qk_scale,
     H: tl.constexpr,
-    G: tl.constexpr,
     P: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_PH: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    BLOCK_PH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     EMULATE: tl.constexpr,
 ):
-    """Backward pre-pass, per query tile and q group: delta, qr, own-state dk, dv and dq.
+    """Backward, query side: delta (B, H, T) fp32, the rotated queries qr, dq, own-state dk, dv.
 
-    Grid: (cdiv(T, BLOCK_M), B * G). For each of the group's H / G heads: delta = rowsum(dO * O)
-    (B, H, T) fp32 and the own-state gradients dk_t, dv_t of every row (rows jL + L - 1 are
-    overwritten by ``chunk_attention_bwd_kernel_dkv``). Writes the rotated queries qr (B, T, G, P)
-    in q's dtype and seeds the fp32 dq accumulator dqr (B, T, G, P) with the own-state dq summed
-    over the group's heads, in the rotated frame where the dkv kernel adds dS @ K_rot.
+    Grid: (cdiv(T, BLOCK_M), B * H). Rows jL + L - 1 of dk, dv are overwritten afterwards by
+    ``chunk_attention_bwd_kernel_dkv`` with own-state plus summary gradients; qr (B, T, H, P) in
+    q's dtype holds the rotated queries that kernel streams.
     """
-    i_m, i_bg = tl.program_id(0), tl.program_id(1)
-    i_b, i_g = i_bg // G, i_bg % G
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    DTYPE = q.dtype.element_ty
     o_t = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_t = o_t < T
     o_p = tl.arange(0, BLOCK_P)
@@ -363,46 +400,60 @@ def chunk_attention_bwd_kernel_prep(
     m_p = _col_mask(o_p, P, BLOCK_P)
     m_ph = _col_mask(o_ph, P // 2, BLOCK_PH)
     o_bt = i_b.to(tl.int64) * T
-    o_qrow = ((o_bt + o_t) * G + i_g) * P
+    o_qrow = ((o_bt + o_t) * H + i_h) * P
     m_tp = m_t[:, None] & m_p[None, :]
     m_tph = m_t[:, None] & m_ph[None, :]
+    o_lse = i_bh.to(tl.int64) * T + o_t
 
     b_q1, b_q2 = _load_halves(q, o_qrow, m_t, o_ph, m_ph, P // 2, False)
+    b_k1, b_k2 = _load_halves(k, o_qrow, m_t, o_ph, m_ph, P // 2, False)
     b_q1, b_q2 = b_q1.to(tl.float32), b_q2.to(tl.float32)
-    b_dq1 = tl.zeros([BLOCK_M, BLOCK_PH], dtype=tl.float32)
-    b_dq2 = tl.zeros([BLOCK_M, BLOCK_PH], dtype=tl.float32)
-    for i_hg in tl.static_range(H // G):
-        i_h = i_g * (H // G) + i_hg
-        o_row = ((o_bt + o_t) * H + i_h) * P
-        o_lse = (i_b.to(tl.int64) * H + i_h) * T + o_t
-        b_k1, b_k2 = _load_halves(k, o_row, m_t, o_ph, m_ph, P // 2, False)
-        b_k1, b_k2 = b_k1.to(tl.float32), b_k2.to(tl.float32)
-        b_v = tl.load(v + o_row[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
-        b_do = tl.load(do + o_row[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
-        b_o = tl.load(o + o_row[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
-        b_lse = tl.load(lse + o_lse, mask=m_t, other=0.0)
-        b_delta = tl.sum(b_do * b_o, 1)
-        tl.store(delta + o_lse, b_delta, mask=m_t)
-        b_ds_own, b_p_own = _own_grads(b_q1, b_q2, b_k1, b_k2, b_v, b_do, b_lse, b_delta, qk_scale)
-        p_dk1 = dk + o_row[:, None] + o_ph[None, :]
-        tl.store(p_dk1, _to_store(b_ds_own[:, None] * b_q1 * scale, dk.dtype.element_ty, EMULATE), mask=m_tph)
-        tl.store(
-            p_dk1 + P // 2, _to_store(b_ds_own[:, None] * b_q2 * scale, dk.dtype.element_ty, EMULATE), mask=m_tph
-        )
-        b_dv = _to_store(b_p_own[:, None] * b_do, dv.dtype.element_ty, EMULATE)
-        tl.store(dv + o_row[:, None] + o_p[None, :], b_dv, mask=m_tp)
-        b_dq1 += b_ds_own[:, None] * b_k1
-        b_dq2 += b_ds_own[:, None] * b_k2
+    b_k1, b_k2 = b_k1.to(tl.float32), b_k2.to(tl.float32)
+    b_v = tl.load(v + o_qrow[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
+    b_do = tl.load(do + o_qrow[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
+    b_o = tl.load(o + o_qrow[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
+    b_lse = tl.load(lse + o_lse, mask=m_t, other=0.0)
+    b_delta = tl.sum(b_do * b_o, 1)
+    tl.store(delta + o_lse, b_delta, mask=m_t)
 
-    b_cos, b_sin = _load_rope(p_cos, p_sin, o_t // L, m_t, o_ph, m_ph, P // 2, "")
+    b_ds_own, b_p_own = _own_grads(b_q1, b_q2, b_k1, b_k2, b_v, b_do, b_lse, b_delta, qk_scale)
+    p_dk1 = dk + o_qrow[:, None] + o_ph[None, :]
+    tl.store(p_dk1, _to_store(b_ds_own[:, None] * b_q1 * scale, dk.dtype.element_ty, EMULATE), mask=m_tph)
+    tl.store(p_dk1 + P // 2, _to_store(b_ds_own[:, None] * b_q2 * scale, dk.dtype.element_ty, EMULATE), mask=m_tph)
+    p_dv = dv + o_qrow[:, None] + o_p[None, :]
+    tl.store(p_dv, _to_store(b_p_own[:, None] * b_do, dv.dtype.element_ty, EMULATE), mask=m_tp)
+
+    o_c = o_t // L
+    b_cos, b_sin = _load_rope(p_cos, p_sin, o_c, m_t, o_ph, m_ph, P // 2, "")
     b_qr1, b_qr2 = _rotate(b_q1, b_q2, b_cos, b_sin)
+    b_qr1 = _to_dot(b_qr1, DTYPE, EMULATE)
+    b_qr2 = _to_dot(b_qr2, DTYPE, EMULATE)
     p_qr1 = qr + o_qrow[:, None] + o_ph[None, :]
     tl.store(p_qr1, _to_store(b_qr1, qr.dtype.element_ty, EMULATE), mask=m_tph)
     tl.store(p_qr1 + P // 2, _to_store(b_qr2, qr.dtype.element_ty, EMULATE), mask=m_tph)
-    b_dqr1, b_dqr2 = _rotate(b_dq1, b_dq2, b_cos, b_sin)
-    p_dqr1 = dqr + o_qrow[:, None] + o_ph[None, :]
-    tl.store(p_dqr1, b_dqr1, mask=m_tph)
-    tl.store(p_dqr1 + P // 2, b_dqr2, mask=m_tph)
+    b_do_dot = _to_dot(b_do, DTYPE, EMULATE)
+    # The own term dS_own * k joins the accumulator in the rotated frame (rotated forward here,
+    # back with the rest after the loop), so k, cos and sin need not stay live across the loop.
+    b_dqr1, b_dqr2 = _rotate(b_ds_own[:, None] * b_k1, b_ds_own[:, None] * b_k2, b_cos, b_sin)
+
+    c_first = (i_m * BLOCK_M) // L
+    n_keys = tl.minimum((tl.minimum(i_m * BLOCK_M + BLOCK_M, T) - 1) // L, C)
+    j_mid = (c_first // BLOCK_N) * BLOCK_N
+    kr_h = kr + i_b.to(tl.int64) * C * H * P + i_h * P
+    v_h = v + i_h * P
+    b_dqr1, b_dqr2 = _bwd_dq_inner(
+        b_dqr1, b_dqr2, b_qr1, b_qr2, b_do_dot, b_lse, b_delta, o_c, kr_h, v_h, o_bt, 0, j_mid, n_keys,
+        L, qk_scale, H, P, BLOCK_N, BLOCK_P, BLOCK_PH, False, DOT_PRECISION, EMULATE,
+    )  # fmt: skip
+    b_dqr1, b_dqr2 = _bwd_dq_inner(
+        b_dqr1, b_dqr2, b_qr1, b_qr2, b_do_dot, b_lse, b_delta, o_c, kr_h, v_h, o_bt, j_mid, n_keys, n_keys,
+        L, qk_scale, H, P, BLOCK_N, BLOCK_P, BLOCK_PH, True, DOT_PRECISION, EMULATE,
+    )  # fmt: skip
+    b_cos, b_sin = _load_rope(p_cos, p_sin, o_c, m_t, o_ph, m_ph, P // 2, ".cg")
+    b_dq1, b_dq2 = _rotate_back(b_dqr1, b_dqr2, b_cos, b_sin)
+    p_dq1 = dq + o_qrow[:, None] + o_ph[None, :]
+    tl.store(p_dq1, _to_store(b_dq1 * scale, dq.dtype.element_ty, EMULATE), mask=m_tph)
+    tl.store(p_dq1 + P // 2, _to_store(b_dq2 * scale, dq.dtype.element_ty, EMULATE), mask=m_tph)
 
 
 @triton.jit
@@ -414,8 +465,7 @@ def _bwd_dkv_inner(
     b_kr2,
     b_v,
     o_j,
-    qr_g,
-    dqr_g,
+    qr_h,
     do_h,
     lse,
     delta,
@@ -427,7 +477,6 @@ def _bwd_dkv_inner(
     L,
     qk_scale,
     H: tl.constexpr,
-    G: tl.constexpr,
     P: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -436,11 +485,8 @@ def _bwd_dkv_inner(
     DOT_PRECISION: tl.constexpr,
     EMULATE: tl.constexpr,
 ):
-    """Over query tiles from t_lo to t_hi: dK_rot (unscaled) and dV of a summary tile; dS @ K_rot into dqr.
-
-    Five matmuls per tile pair (S, dP, dV, dK, dQ); dqr takes the dq term with fp32 atomics.
-    """
-    DTYPE = qr_g.dtype.element_ty
+    """Accumulate dK_rot (unscaled) and dV of a summary tile over query tiles from t_lo to t_hi."""
+    DTYPE = qr_h.dtype.element_ty
     o_p = tl.arange(0, BLOCK_P)
     o_ph = tl.arange(0, BLOCK_PH)
     m_p = _col_mask(o_p, P, BLOCK_P)
@@ -448,13 +494,12 @@ def _bwd_dkv_inner(
     for t0 in range(t_lo, t_hi, BLOCK_M):
         o_t = t0 + tl.arange(0, BLOCK_M)
         m_t = o_t < T
-        o_qrow = (o_bt + o_t) * G * P
-        o_row = (o_bt + o_t) * H * P
+        o_qrow = (o_bt + o_t) * H * P
         # Rotated queries transposed (BLOCK_PH, BLOCK_M): scores come out key-major (BLOCK_N, BLOCK_M).
-        b_qrt1, b_qrt2 = _load_halves(qr_g, o_qrow, m_t, o_ph, m_ph, P // 2, True)
+        b_qrt1, b_qrt2 = _load_halves(qr_h, o_qrow, m_t, o_ph, m_ph, P // 2, True)
         b_qrt1 = _to_dot(b_qrt1, DTYPE, EMULATE)
         b_qrt2 = _to_dot(b_qrt2, DTYPE, EMULATE)
-        b_do = tl.load(do_h + o_row[:, None] + o_p[None, :], mask=m_t[:, None] & m_p[None, :], other=0.0)
+        b_do = tl.load(do_h + o_qrow[:, None] + o_p[None, :], mask=m_t[:, None] & m_p[None, :], other=0.0)
         b_do = _to_dot(b_do, DTYPE, EMULATE)
         # lse = +inf past T: p = 0 there, so rows past the end add nothing.
         b_lse = tl.load(lse + o_bht + o_t, mask=m_t, other=float("inf"))
@@ -470,11 +515,6 @@ def _bwd_dkv_inner(
         b_dst = _to_dot(b_pt * (b_dpt - b_delta[None, :]), DTYPE, EMULATE)
         b_dkr1 = tl.dot(b_dst, tl.trans(b_qrt1), b_dkr1, input_precision=DOT_PRECISION)
         b_dkr2 = tl.dot(b_dst, tl.trans(b_qrt2), b_dkr2, input_precision=DOT_PRECISION)
-        b_ds = tl.trans(b_dst)
-        p_dqr1 = dqr_g + o_qrow[:, None] + o_ph[None, :]
-        m_tph = m_t[:, None] & m_ph[None, :]
-        tl.atomic_add(p_dqr1, tl.dot(b_ds, b_kr1, input_precision=DOT_PRECISION), mask=m_tph, sem="relaxed")
-        tl.atomic_add(p_dqr1 + P // 2, tl.dot(b_ds, b_kr2, input_precision=DOT_PRECISION), mask=m_tph, sem="relaxed")
     return b_dkr1, b_dkr2, b_dv
 
 
@@ -485,7 +525,6 @@ def chunk_attention_bwd_kernel_dkv(
     v,
     kr,
     qr,
-    dqr,
     do,
     lse,
     delta,
@@ -499,7 +538,6 @@ def chunk_attention_bwd_kernel_dkv(
     scale,
     qk_scale,
     H: tl.constexpr,
-    G: tl.constexpr,
     P: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -508,14 +546,12 @@ def chunk_attention_bwd_kernel_dkv(
     DOT_PRECISION: tl.constexpr,
     EMULATE: tl.constexpr,
 ):
-    """Backward, per summary tile: rows jL + L - 1 of dk, dv (own-state + summary terms); dS @ K_rot into dqr.
+    """Backward, summary side: rows jL + L - 1 of dk, dv = own-state + summary gradients.
 
-    Grid: (cdiv(C, BLOCK_N), B * H); needs delta, qr and the seeded dqr of
-    ``chunk_attention_bwd_kernel_prep`` (same stream, launched before).
+    Grid: (cdiv(C, BLOCK_N), B * H); needs delta and qr from ``chunk_attention_bwd_kernel_dq``.
     """
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    i_g = i_h // (H // G)
     DTYPE = k.dtype.element_ty
     o_j = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_j = o_j < C
@@ -527,13 +563,12 @@ def chunk_attention_bwd_kernel_dkv(
     o_bht = i_bh.to(tl.int64) * T
     o_r = o_j * L + L - 1
     o_krow = ((o_bt + o_r) * H + i_h) * P
-    o_qrow = ((o_bt + o_r) * G + i_g) * P
     m_jp = m_j[:, None] & m_p[None, :]
     m_jph = m_j[:, None] & m_ph[None, :]
 
     # Row jL + L - 1 is also its own query's own state: its term seeds the accumulators (dk in the
     # rotated frame, like the summary term), so the raw rows need not stay live across the loop.
-    b_q1, b_q2 = _load_halves(q, o_qrow, m_j, o_ph, m_ph, P // 2, False)
+    b_q1, b_q2 = _load_halves(q, o_krow, m_j, o_ph, m_ph, P // 2, False)
     b_k1, b_k2 = _load_halves(k, o_krow, m_j, o_ph, m_ph, P // 2, False)
     b_q1, b_q2 = b_q1.to(tl.float32), b_q2.to(tl.float32)
     b_v = tl.load(v + o_krow[:, None] + o_p[None, :], mask=m_jp, other=0.0)
@@ -556,14 +591,14 @@ def chunk_attention_bwd_kernel_dkv(
     t_lo = (i_n * BLOCK_N + 1) * L
     t_full = tl.minimum((i_n * BLOCK_N + BLOCK_N) * L, T)
     t_mid = t_lo + tl.cdiv(t_full - t_lo, BLOCK_M) * BLOCK_M
-    qr_g, dqr_g, do_h = qr + i_g * P, dqr + i_g * P, do + i_h * P
+    qr_h, do_h = qr + i_h * P, do + i_h * P
     b_dkr1, b_dkr2, b_dv = _bwd_dkv_inner(
-        b_dkr1, b_dkr2, b_dv, b_kr1, b_kr2, b_v, o_j, qr_g, dqr_g, do_h, lse, delta, o_bt, o_bht, t_lo, t_mid,
-        T, L, qk_scale, H, G, P, BLOCK_M, BLOCK_P, BLOCK_PH, True, DOT_PRECISION, EMULATE,
+        b_dkr1, b_dkr2, b_dv, b_kr1, b_kr2, b_v, o_j, qr_h, do_h, lse, delta, o_bt, o_bht, t_lo, t_mid, T, L,
+        qk_scale, H, P, BLOCK_M, BLOCK_P, BLOCK_PH, True, DOT_PRECISION, EMULATE,
     )  # fmt: skip
     b_dkr1, b_dkr2, b_dv = _bwd_dkv_inner(
-        b_dkr1, b_dkr2, b_dv, b_kr1, b_kr2, b_v, o_j, qr_g, dqr_g, do_h, lse, delta, o_bt, o_bht, t_mid, T,
-        T, L, qk_scale, H, G, P, BLOCK_M, BLOCK_P, BLOCK_PH, False, DOT_PRECISION, EMULATE,
+        b_dkr1, b_dkr2, b_dv, b_kr1, b_kr2, b_v, o_j, qr_h, do_h, lse, delta, o_bt, o_bht, t_mid, T, T, L,
+        qk_scale, H, P, BLOCK_M, BLOCK_P, BLOCK_PH, False, DOT_PRECISION, EMULATE,
     )  # fmt: skip
     b_cos, b_sin = _load_rope(p_cos, p_sin, o_j, m_j, o_ph, m_ph, P // 2, ".cg")
     b_dk1, b_dk2 = _rotate_back(b_dkr1, b_dkr2, b_cos, b_sin)
@@ -571,41 +606,6 @@ def chunk_attention_bwd_kernel_dkv(
     tl.store(p_dk1, _to_store(b_dk1 * scale, dk.dtype.element_ty, EMULATE), mask=m_jph)
     tl.store(p_dk1 + P // 2, _to_store(b_dk2 * scale, dk.dtype.element_ty, EMULATE), mask=m_jph)
     tl.store(dv + o_krow[:, None] + o_p[None, :], _to_store(b_dv, dv.dtype.element_ty, EMULATE), mask=m_jp)
-
-
-@triton.jit
-def chunk_attention_bwd_kernel_dq(
-    dqr,
-    dq,
-    p_cos,
-    p_sin,
-    T,
-    L,
-    scale,
-    G: tl.constexpr,
-    P: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_PH: tl.constexpr,
-    EMULATE: tl.constexpr,
-):
-    """Backward epilogue: dq = scale * (dqr rotated back to position t // L), in q's dtype.
-
-    Grid: (cdiv(T, BLOCK_M), B * G); dqr, dq (B, T, G, P).
-    """
-    i_m, i_bg = tl.program_id(0), tl.program_id(1)
-    i_b, i_g = i_bg // G, i_bg % G
-    o_t = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_t = o_t < T
-    o_ph = tl.arange(0, BLOCK_PH)
-    m_ph = _col_mask(o_ph, P // 2, BLOCK_PH)
-    o_qrow = ((i_b.to(tl.int64) * T + o_t) * G + i_g) * P
-    m_tph = m_t[:, None] & m_ph[None, :]
-    b_dqr1, b_dqr2 = _load_halves(dqr, o_qrow, m_t, o_ph, m_ph, P // 2, False)
-    b_cos, b_sin = _load_rope(p_cos, p_sin, o_t // L, m_t, o_ph, m_ph, P // 2, "")
-    b_dq1, b_dq2 = _rotate_back(b_dqr1, b_dqr2, b_cos, b_sin)
-    p_dq1 = dq + o_qrow[:, None] + o_ph[None, :]
-    tl.store(p_dq1, _to_store(b_dq1 * scale, dq.dtype.element_ty, EMULATE), mask=m_tph)
-    tl.store(p_dq1 + P // 2, _to_store(b_dq2 * scale, dq.dtype.element_ty, EMULATE), mask=m_tph)
 
 
 def _rope_tables(length: int, chunk_size: int, head_dim: int, base: float, device: torch.device):
@@ -631,12 +631,11 @@ def _rotated_summaries(k: torch.Tensor, chunk_size: int, base: float) -> torch.T
     return apply_rope(summaries, positions, base).to(k.dtype).contiguous()
 
 
-def _launch_options(q: torch.Tensor, k: torch.Tensor) -> dict:
-    """Constexprs shared by the attention kernels: heads, q groups, head-dim blocks, dot precision, bf16 emulation."""
+def _launch_options(q: torch.Tensor) -> dict:
+    """Constexprs shared by every kernel: head-dim blocks, dot precision, bf16 emulation."""
     head_dim = q.shape[-1]
     return {
-        "H": k.shape[2],
-        "G": q.shape[2],
+        "H": q.shape[2],
         "P": head_dim,
         # Two dots over P/2 need P/2 padded to a power of two, at least 16 for tl.dot on GPUs.
         "BLOCK_P": max(16, triton.next_power_of_2(head_dim)),
@@ -662,8 +661,7 @@ def chunk_attention_fwd(
     """Launch the forward kernel.
 
     Args:
-        q: ``(B, T, G, P)`` queries, G dividing H (head h uses group h // (H / G)).
-        k, v: ``(B, T, H, P)`` of q's dtype (fp16, bf16 or fp32), P even.
+        q, k, v: ``(B, T, H, P)`` of one dtype (fp16, bf16 or fp32), P even.
         chunk_size: L; rope_base, scale: as in the reference.
         config: tiles and launch options; default ``CONFIGS["fwd"]`` (``"fwd_fp32"`` for fp32).
 
@@ -671,11 +669,11 @@ def chunk_attention_fwd(
         ``o`` ``(B, T, H, P)`` in q's dtype and ``lse`` ``(B, H, T)`` fp32, the log2-domain
         log-sum-exp of the scores times ``scale * log2(e)`` (what the backward needs).
     """
-    batch, length, heads, head_dim = v.shape
+    batch, length, heads, head_dim = q.shape
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    o = torch.empty_like(v)
+    o = torch.empty_like(q)
     lse = torch.empty(batch, heads, length, device=q.device, dtype=torch.float32)
-    if v.numel() == 0:
+    if q.numel() == 0:
         return o, lse
     config = config or _config("fwd", q.dtype)
     cos, sin = _rope_tables(length, chunk_size, head_dim, rope_base, q.device)
@@ -684,7 +682,7 @@ def chunk_attention_fwd(
     chunk_attention_fwd_kernel[grid](
         q, k, v, kr, o, lse, cos, sin, length, length // chunk_size, chunk_size, scale * _LOG2E,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
-        **_launch_options(q, k),
+        **_launch_options(q),
     )  # fmt: skip
     return o, lse
 
@@ -699,60 +697,46 @@ def chunk_attention_bwd(
     chunk_size: int,
     rope_base: float,
     scale: float,
-    config_prep: KernelConfig | None = None,
-    config_dkv: KernelConfig | None = None,
     config_dq: KernelConfig | None = None,
+    config_dkv: KernelConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the three backward kernels: pre-pass, summaries (dk, dv, dq atomics), dq epilogue.
+    """Launch the two backward kernels (dq and own-state terms, then the summaries).
 
     Args:
         do: ``(B, T, H, P)`` upstream gradient of o.
         q, k, v, o, lse: the forward's inputs and outputs (see :func:`chunk_attention_fwd`).
         chunk_size, rope_base, scale: as in the forward.
-        config_prep, config_dkv, config_dq: tiles and launch options; default ``CONFIGS["prep"]``,
-            ``CONFIGS["dkv"]``, ``CONFIGS["dq"]`` (``*_fp32`` for fp32); prep and dq use only
-            block_m and num_warps.
+        config_dq, config_dkv: tiles and launch options; default ``CONFIGS["dq"]``, ``CONFIGS["dkv"]``.
 
     Returns:
-        ``(dq, dk, dv)``: dq ``(B, T, G, P)`` in q's dtype, dk and dv ``(B, T, H, P)`` in theirs.
-        dq is summed with fp32 atomics, so its last bits may vary from run to run on a GPU.
+        ``(dq, dk, dv)``, each ``(B, T, H, P)`` in its input's dtype.
     """
-    batch, length, heads, head_dim = v.shape
-    groups = q.shape[2]
+    batch, length, heads, head_dim = q.shape
     q, k, v, o, do = q.contiguous(), k.contiguous(), v.contiguous(), o.contiguous(), do.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    if v.numel() == 0:
+    if q.numel() == 0:
         return dq, dk, dv
-    config_prep = config_prep or _config("prep", q.dtype)
-    config_dkv = config_dkv or _config("dkv", q.dtype)
     config_dq = config_dq or _config("dq", q.dtype)
-    # delta = rowsum(dO * O), the rotated queries and the fp32 dq accumulator (rotated frame, seeded
-    # with the own-state term), written by the pre-pass for the dkv kernel.
+    config_dkv = config_dkv or _config("dkv", q.dtype)
+    # delta = rowsum(dO * O) and the rotated queries, written by the dq kernel for the dkv kernel.
     delta, qr = torch.empty_like(lse), torch.empty_like(q)
-    dqr = torch.empty(q.shape, device=q.device, dtype=torch.float32)
     cos, sin = _rope_tables(length, chunk_size, head_dim, rope_base, q.device)
+    kr = _rotated_summaries(k, chunk_size, rope_base)
     chunks = length // chunk_size
-    options = _launch_options(q, k)
-    blocks = {"G": groups, "P": head_dim, "BLOCK_PH": options["BLOCK_PH"], "EMULATE": options["EMULATE"]}
-    grid = (triton.cdiv(length, config_prep.block_m), batch * groups)
-    chunk_attention_bwd_kernel_prep[grid](
-        q, k, v, o, do, lse, delta, qr, dqr, dk, dv, cos, sin, length, chunk_size, scale, scale * _LOG2E,
-        H=heads, BLOCK_M=config_prep.block_m, BLOCK_P=options["BLOCK_P"], num_warps=config_prep.num_warps,
-        num_stages=config_prep.num_stages, **blocks,
+    options = _launch_options(q)
+    grid = (triton.cdiv(length, config_dq.block_m), batch * heads)
+    chunk_attention_bwd_kernel_dq[grid](
+        q, k, v, kr, o, do, lse, delta, qr, dq, dk, dv, cos, sin, length, chunks, chunk_size, scale, scale * _LOG2E,
+        BLOCK_M=config_dq.block_m, BLOCK_N=config_dq.block_n, num_warps=config_dq.num_warps,
+        num_stages=config_dq.num_stages, **options,
     )  # fmt: skip
     if chunks:
-        kr = _rotated_summaries(k, chunk_size, rope_base)
         grid = (triton.cdiv(chunks, config_dkv.block_n), batch * heads)
         chunk_attention_bwd_kernel_dkv[grid](
-            q, k, v, kr, qr, dqr, do, lse, delta, dk, dv, cos, sin, length, chunks, chunk_size, scale,
-            scale * _LOG2E, BLOCK_M=config_dkv.block_m, BLOCK_N=config_dkv.block_n,
-            num_warps=config_dkv.num_warps, num_stages=config_dkv.num_stages, **options,
+            q, k, v, kr, qr, do, lse, delta, dk, dv, cos, sin, length, chunks, chunk_size, scale, scale * _LOG2E,
+            BLOCK_M=config_dkv.block_m, BLOCK_N=config_dkv.block_n, num_warps=config_dkv.num_warps,
+            num_stages=config_dkv.num_stages, **options,
         )  # fmt: skip
-    grid = (triton.cdiv(length, config_dq.block_m), batch * groups)
-    chunk_attention_bwd_kernel_dq[grid](
-        dqr, dq, cos, sin, length, chunk_size, scale, BLOCK_M=config_dq.block_m, num_warps=config_dq.num_warps,
-        num_stages=config_dq.num_stages, **blocks,
-    )  # fmt: skip
     return dq, dk, dv
 
 
@@ -765,8 +749,8 @@ def _fwd_op(
 
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, chunk_size, rope_base, scale):
-    batch, length, heads, _ = v.shape
-    return torch.empty_like(v), v.new_empty((batch, heads, length), dtype=torch.float32)
+    batch, length, heads, _ = q.shape
+    return torch.empty_like(q), q.new_empty((batch, heads, length), dtype=torch.float32)
 
 
 @torch.library.custom_op("rat_lightning::chunk_attention_bwd", mutates_args=())
