@@ -8,8 +8,6 @@ both sides of the causal boundary (the unmasked and the masked loop of every ker
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -24,6 +22,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32 reference, as much as a torch emulation of the same roundings gives.
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
+# Fresh float buffers are NaN-filled (tests/ops/conftest.py): an unwritten output fails.
+pytestmark = pytest.mark.usefixtures("nan_empty")
+
 
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -32,19 +33,6 @@ def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
 
     small = chunk_triton.KernelConfig(16, 16 if torch.cuda.is_available() else 8, 4, 1)
     monkeypatch.setattr(chunk_triton, "CONFIGS", {name: small for name in chunk_triton.CONFIGS})
-
-
-@pytest.fixture(autouse=True)
-def _nan_empty(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fill fresh float buffers with NaN so an output the kernels forget to write fails."""
-    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
-
-    def nan(t: torch.Tensor) -> torch.Tensor:
-        return t.fill_(math.nan) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: nan(empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: nan(empty_like(*a, **kw)))
-    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: nan(new_empty(self, *a, **kw)))
 
 
 def _reference_grads(q, k, v, do, chunk_size, rope_base=10000.0, scale=None):

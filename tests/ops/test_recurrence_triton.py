@@ -7,8 +7,6 @@ make T = 33 span several blocks, a partial last block and several steps of the c
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -17,18 +15,8 @@ from tests.conftest import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-
-@pytest.fixture(autouse=True)
-def _nan_empty(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fill fresh float buffers with NaN so an output the kernels forget to write fails."""
-    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
-
-    def nan(t: torch.Tensor) -> torch.Tensor:
-        return t.fill_(math.nan) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: nan(empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: nan(empty_like(*a, **kw)))
-    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: nan(new_empty(self, *a, **kw)))
+# Fresh float buffers are NaN-filled (tests/ops/conftest.py): an unwritten output fails.
+pytestmark = pytest.mark.usefixtures("nan_empty")
 
 
 @pytest.fixture
