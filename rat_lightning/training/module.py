@@ -36,7 +36,7 @@ class LanguageModelModule(L.LightningModule):
             step count.
         min_lr: learning rate at the end of the cosine.
         eps: AdamW epsilon.
-        fused_adam: use the fused CUDA AdamW where parameters are on CUDA.
+        fused_adam: use the fused AdamW kernel (CUDA and CPU); not with fp16-mixed loss scaling.
         compile: wrap the model in ``torch.compile`` at fit start.
         generate_tokens: tokens ``predict`` generates after each prompt.
         temperature, top_k, top_p: sampling of ``predict``.
@@ -159,9 +159,27 @@ class LanguageModelModule(L.LightningModule):
         )
         return {"prompt": prompt, "generated": out[:, prompt.shape[1] :]}
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # Lightning's mixed-precision plugin refuses to clip for any optimizer that could unscale
+        # gradients itself (fused AdamW). Under bf16 or fp32 there is no loss scale, so the
+        # gradients are the true ones and clipping them directly is exact.
+        if gradient_clip_val and getattr(optimizer, "_step_supports_amp_scaling", False):
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self) -> dict[str, Any]:
         groups = parameter_groups(self.model, self.hparams.weight_decay, self.hparams.decay_all)
-        fused = self.hparams.fused_adam and all(p.is_cuda for g in groups for p in g["params"])
+        # fp16 loss scaling needs the unscale step a fused optimizer hides from Lightning.
+        fused = self.hparams.fused_adam and self.trainer.precision != "16-mixed"
         optimizer = torch.optim.AdamW(
             groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps, fused=fused or None
         )

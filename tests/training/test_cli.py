@@ -173,3 +173,12 @@ def test_missing_config_file_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(tmp_path / "nope.yaml")])
     assert "nope.yaml does not exist" in capsys.readouterr().err
+
+
+def test_bf16_mixed_with_fused_adam_and_clipping_trains(tmp_path, prepared):
+    # Lightning's mixed-precision plugin refuses to clip gradients of a fused optimizer; found
+    # on the GPU with configs/trainer/gpu-bf16.yaml. bf16 autocast runs on the CPU too.
+    config = write_config(tmp_path, prepared, max_steps=2)
+    main(["fit", "--config", str(config), "--trainer.precision", "bf16-mixed", "--trainer.gradient_clip_val", "0.5"])
+    state = torch.load(tmp_path / "run" / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 2
