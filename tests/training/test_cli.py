@@ -113,6 +113,13 @@ def test_validate_test_predict_on_a_checkpoint(tmp_path, prepared):
     config = write_config(tmp_path, prepared, max_steps=3)
     main(["fit", "--config", str(config)])
     ckpt = str(tmp_path / "run" / "ckpt" / "last.ckpt")
+    # The Python API: the checkpoint alone rebuilds the model (config saved as plain data).
+    from rat_lightning.training import LanguageModelModule
+
+    loaded = LanguageModelModule.load_from_checkpoint(ckpt, map_location="cpu")
+    assert loaded.config.d_model == 32 and loaded.config.vocab_size == 512
+    for name, tensor in weights(Path(ckpt)).items():
+        assert torch.equal(loaded.state_dict()[name], tensor)
     cli = main(["validate", "--config", str(config), "--ckpt_path", ckpt])
     assert math.isfinite(cli.trainer.callback_metrics["val/loss"].item())
     cli = main(["test", "--config", str(config), "--ckpt_path", ckpt, "--trainer.limit_test_batches", "2"])
