@@ -46,6 +46,11 @@ def _prepare(
     return a, b, torch.stack(values, dim=2)
 
 
+def _stack_state(state: tuple[torch.Tensor, torch.Tensor | None], dtype: torch.dtype) -> torch.Tensor:
+    """``(sx, sk)`` each ``(B, H, P)`` (sk may be None) -> ``(B, N, H, P)`` in ``dtype``."""
+    return torch.stack([s.to(dtype) for s in state if s is not None], dim=1)
+
+
 def _split(states: torch.Tensor, dtype: torch.dtype, with_k: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     sx = states[:, :, 0].to(dtype)
     sk = states[:, :, 1].to(dtype) if with_k else None
@@ -65,7 +70,7 @@ def gated_recurrence_stepwise(
     batch, length, n, heads, dim = v.shape
     state = torch.zeros(batch, n, heads, dim, dtype=v.dtype, device=x.device)
     if initial_state is not None:
-        state = torch.stack([s.to(v.dtype) for s in initial_state if s is not None], dim=1)
+        state = _stack_state(initial_state, v.dtype)
     out = []
     for t in range(length):
         restart = chunk_size is not None and t % chunk_size == 0
@@ -126,7 +131,7 @@ def gated_recurrence_chunked(
         decays = torch.stack(decay, dim=2)
         carry = torch.zeros(batch, n, heads, dim, dtype=v.dtype, device=x.device)
         if initial_state is not None:
-            carry = torch.stack([s.to(v.dtype) for s in initial_state if s is not None], dim=1)
+            carry = _stack_state(initial_state, v.dtype)
         carried = []
         for c in range(blocks):
             block_states = states[:, c] + decays[:, c] * carry.unsqueeze(1)
@@ -158,5 +163,5 @@ def gated_recurrence_step(
     a, b, v = a[:, 0], b[:, 0], v[:, 0]
     new = b * v
     if state is not None:
-        new = new + a * torch.stack([s.to(new.dtype) for s in state if s is not None], dim=1)
+        new = new + a * _stack_state(state, new.dtype)
     return new[:, 0], (new[:, 1] if k is not None else None)
