@@ -56,7 +56,8 @@ class RATLightningCLI(LightningCLI):
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        # mmap: only the hyperparameters are read here; Lightning loads the tensors itself later.
+        saved = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters", {})
         architecture = {k: v for k, v in saved.get("config", {}).items() if k not in RUNTIME_FIELDS}
         if architecture:
             update = {self.config.subcommand: {"model": {"config": architecture}}}
