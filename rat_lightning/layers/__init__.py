@@ -5,6 +5,7 @@ from rat_lightning.layers.base import Mixer
 from rat_lightning.layers.ffn import FeedForward
 from rat_lightning.layers.norm import RMSNorm
 from rat_lightning.layers.rat import RAT, RATCache
+from rat_lightning.layers.rat_plus import RATPlus
 from rat_lightning.layers.retention import Retention, RetentionCache
 from rat_lightning.layers.rnn import GatedRNN, RNNCache
 
@@ -16,6 +17,7 @@ __all__ = [
     "KVCache",
     "Mixer",
     "RATCache",
+    "RATPlus",
     "RMSNorm",
     "RNNCache",
     "Retention",

@@ -11,6 +11,13 @@ from torch import nn
 
 from rat_lightning.layers.base import Mixer, append_along_seq, split_heads
 from rat_lightning.ops.rope import apply_rope
+from rat_lightning.sparse.attend import (
+    PatternCache,
+    init_pattern_cache,
+    pattern_attention,
+    pattern_attention_step,
+    pattern_cache_bytes,
+)
 
 
 @dataclass
@@ -31,6 +38,9 @@ class KVCache:
 class Attention(Mixer):
     """Multi-head causal attention, optionally restricted to a sliding window.
 
+    Full attention (``window=None``) also runs under a sparse inference pattern
+    (:meth:`set_pattern`): the plain-attention side of the RAT+ comparison.
+
     Args:
         d_model: int, model width.
         n_heads: int, number of heads (d_model % n_heads == 0).
@@ -48,6 +58,11 @@ class Attention(Mixer):
         self.w_in = nn.Linear(d_model, 3 * d_model, bias=False)
         self.w_out = nn.Linear(d_model, d_model, bias=False)
 
+    @property
+    def supports_pattern(self) -> bool:  # type: ignore[override]
+        """Full attention takes patterns; a sliding window is a pattern of its own."""
+        return self.window is None
+
     def _project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         value, query, key = (split_heads(t, self.n_heads) for t in self.w_in(x).chunk(3, dim=-1))
         query = apply_rope(query, positions, self.rope_base).to(x.dtype)
@@ -58,8 +73,10 @@ class Attention(Mixer):
         """``(B, T, d_model)`` -> ``(B, T, d_model)``."""
         length = x.shape[1]
         query, key, value = self._project(x, torch.arange(length, device=x.device))
+        if self.window is None:
+            return self.w_out(pattern_attention(query, key, value, self.pattern).flatten(2))
         mask = None
-        if self.window is not None and self.window < length:
+        if self.window < length:
             t = torch.arange(length, device=x.device)
             offset = t[:, None] - t[None, :]
             mask = (offset >= 0) & (offset < self.window)
@@ -68,14 +85,26 @@ class Attention(Mixer):
         )
         return self.w_out(out.transpose(1, 2).flatten(2))
 
-    def init_cache(self, batch_size: int, device: torch.device) -> KVCache:
-        """An empty cache."""
-        return KVCache()
+    def cache_bytes(self, length: int, dtype: torch.dtype, read: bool = False) -> int:
+        """Keys and values: min(T, W) entries per head with a window, else the pattern's."""
+        head_dim = self.w_out.in_features // self.n_heads
+        if self.window is not None:
+            return min(length, self.window) * self.n_heads * head_dim * 2 * torch.finfo(dtype).bits // 8
+        return pattern_cache_bytes(self.pattern, self.n_heads, head_dim, length, dtype, read)
 
-    def step(self, x: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
+    def init_cache(self, batch_size: int, device: torch.device) -> KVCache | PatternCache:
+        """An empty cache: a sliding window's, or the pattern's (full attention)."""
+        return KVCache() if self.window is not None else init_pattern_cache(self.pattern, self.n_heads)
+
+    def step(
+        self, x: torch.Tensor, cache: KVCache | PatternCache
+    ) -> tuple[torch.Tensor, KVCache | PatternCache]:
         """``(B, d_model)`` -> ``(B, d_model)``; appends this token's key and value."""
         positions = torch.full((1,), cache.position, device=x.device)
         query, key, value = self._project(x.unsqueeze(1), positions)
+        if isinstance(cache, PatternCache):
+            out, kv = pattern_attention_step(query[:, 0], key[:, 0], value[:, 0], cache.kv, self.pattern, cache.position)
+            return self.w_out(out.flatten(1)), PatternCache(kv, None, cache.position + 1)
         keys = append_along_seq(cache.keys, key[:, 0])
         values = append_along_seq(cache.values, value[:, 0])
         if self.window is not None:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from rat_lightning.errors import ConfigError
+from rat_lightning.sparse.pattern import DENSE, LayerPattern
 
 
 class Mixer(nn.Module, ABC):
@@ -14,7 +17,13 @@ class Mixer(nn.Module, ABC):
 
     ``step`` over tokens 0..T-1 from ``init_cache`` must equal ``forward`` over the T tokens
     (tests hold every mixer to this). Caches are explicit objects, never hidden module state.
+
+    Mixers with ``supports_pattern`` attend under an inference pattern (:meth:`set_pattern`);
+    the others are always dense (or have their own fixed structure).
     """
+
+    supports_pattern: ClassVar[bool] = False
+    pattern: LayerPattern = DENSE
 
     @abstractmethod
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -27,6 +36,21 @@ class Mixer(nn.Module, ABC):
     @abstractmethod
     def step(self, x: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
         """One token: ``(B, d_model)`` and the cache -> ``(B, d_model)`` and the updated cache."""
+
+    def set_pattern(self, pattern: LayerPattern) -> None:
+        """Attend under ``pattern`` from now on (forward and new caches)."""
+        if not pattern.is_dense and not self.supports_pattern:
+            raise ConfigError(
+                f"a {type(self).__name__} layer takes no sparse inference pattern ({pattern.label()}); keep it "
+                "dense with pattern.dense_layers, or use rat_plus / gated_attention / attention layers"
+            )
+        self.pattern = pattern
+
+    def cache_bytes(self, length: int, dtype: torch.dtype, read: bool = False) -> int:
+        """Bytes of this layer's decoding cache per sequence after ``length`` tokens whose
+        activations are ``dtype`` (equal to what :meth:`step` allocates; tests check it). With
+        ``read``, the bytes the last token reads (less than held only for top-k block)."""
+        raise NotImplementedError(f"{type(self).__name__} does not report its cache size")
 
     def reset_parameters(self, std: float) -> None:
         """Initialise weights: every Linear normal(0, std), no biases; mixers add their own parts."""

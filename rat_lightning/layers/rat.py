@@ -19,6 +19,7 @@ from rat_lightning.layers.base import Mixer, append_along_seq, split_heads
 from rat_lightning.layers.rnn import init_gate_bias
 from rat_lightning.ops.chunk_attention import chunk_attention, chunk_attention_step
 from rat_lightning.ops.recurrence import gated_recurrence, gated_recurrence_step
+from rat_lightning.ops.recurrence.reference import compute_dtype
 
 
 @dataclass
@@ -99,6 +100,11 @@ class RAT(Mixer):
         )
         attn = chunk_attention(query, sk, sx, self.chunk_size, rope_base=self.rope_base, backend=self.backend)
         return self.w_out(torch.sigmoid(z) * attn.flatten(2))
+
+    def cache_bytes(self, length: int, dtype: torch.dtype, read: bool = False) -> int:
+        """Finished chunks' summaries plus the running state (if a chunk is open), fp32."""
+        entries = length // self.chunk_size + (length % self.chunk_size > 0)
+        return entries * 2 * self.w_out.in_features * torch.finfo(compute_dtype(dtype)).bits // 8
 
     def init_cache(self, batch_size: int, device: torch.device) -> RATCache:
         """An empty cache."""

@@ -63,6 +63,11 @@ class Retention(Mixer):
         retained = torch.einsum("bhts,bshp->bthp", scores, value)
         return self._output(retained, gate)
 
+    def cache_bytes(self, length: int, dtype: torch.dtype, read: bool = False) -> int:
+        """One ``(H, P, P)`` state in the activations' dtype."""
+        head_dim = self.w_out.in_features // self.n_heads
+        return (length > 0) * self.n_heads * head_dim * head_dim * torch.finfo(dtype).bits // 8
+
     def init_cache(self, batch_size: int, device: torch.device) -> RetentionCache:
         """An empty cache."""
         return RetentionCache()

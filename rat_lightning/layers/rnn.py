@@ -9,6 +9,7 @@ from torch import nn
 
 from rat_lightning.layers.base import Mixer, split_heads
 from rat_lightning.ops.recurrence import gated_recurrence, gated_recurrence_step
+from rat_lightning.ops.recurrence.reference import compute_dtype
 
 
 @dataclass
@@ -55,6 +56,10 @@ class GatedRNN(Mixer):
         z, value, gate = (split_heads(t, self.n_heads) for t in self.w_in(x).chunk(3, dim=-1))
         state, _ = gated_recurrence(value, gate, gate_bias=self.gate_bias, backend=self.backend)
         return self.w_out((torch.sigmoid(z) * state).flatten(2))
+
+    def cache_bytes(self, length: int, dtype: torch.dtype, read: bool = False) -> int:
+        """One running state of d_model channels in the recurrence's compute dtype."""
+        return (length > 0) * self.w_out.in_features * torch.finfo(compute_dtype(dtype)).bits // 8
 
     def init_cache(self, batch_size: int, device: torch.device) -> RNNCache:
         """An empty cache."""

@@ -3,15 +3,16 @@ validation and ``--help``; ``__post_init__`` rejects impossible shapes naming th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from rat_lightning.errors import ConfigError
+from rat_lightning.sparse.pattern import InferencePattern
 
-MIXER_NAMES = ("attention", "local_attention", "rnn", "rat", "retention")
+MIXER_NAMES = ("attention", "local_attention", "rnn", "rat", "retention", "rat_plus", "gated_attention")
 # Fields that change neither the weights' shapes nor their meaning: a run may change them
-# when it loads a checkpoint.
-RUNTIME_FIELDS = frozenset({"max_seq_len", "backend", "init_std"})
+# when it loads a checkpoint (the pattern is what resolution adaptation changes).
+RUNTIME_FIELDS = frozenset({"max_seq_len", "backend", "init_std", "pattern"})
 
 
 @dataclass
@@ -31,7 +32,8 @@ class ModelConfig:
     """Attention heads; d_model must be divisible by n_heads, head_dim = d_model / n_heads (even)."""
     mixer: str | list[str] = "rat"
     """One mixer for every layer, or a list: one name per layer, or a shorter pattern repeated
-    (``[local_attention, rat]`` alternates). Names: attention, local_attention, rnn, rat, retention."""
+    (``[local_attention, rat]`` alternates). Names: attention, local_attention, rnn, rat, retention,
+    rat_plus (RAT+), gated_attention (RAT+'s attention baseline: no recurrence, output gate)."""
     chunk_size: int = 16
     """RAT chunk size L."""
     n_groups: int = 2
@@ -54,8 +56,13 @@ class ModelConfig:
     """Std of the normal init of every weight matrix and the embedding."""
     backend: Literal["auto", "reference", "triton"] = "auto"
     """Backend of the hot ops: auto = Triton kernels on CUDA, the PyTorch reference elsewhere."""
+    pattern: InferencePattern = field(default_factory=InferencePattern)
+    """Attention pattern of rat_plus / gated_attention / attention layers (dense by default);
+    resolution adaptation sets a sparse one. Changing it keeps the weights' shapes."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.pattern, dict):
+            self.pattern = InferencePattern(**self.pattern)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "chunk_size", "n_groups", "window", "max_seq_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -82,6 +89,8 @@ class ModelConfig:
                 f"model.mixer lists {len(pattern)} names, which does not divide model.n_layers ({self.n_layers}); "
                 "give one name per layer or a pattern whose length divides n_layers"
             )
+
+        self.pattern.check(self.n_layers, self.n_heads)
 
     @property
     def layer_mixers(self) -> list[str]:

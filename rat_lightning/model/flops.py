@@ -20,7 +20,7 @@ def mixer_context_flops(name: str, config: ModelConfig, seq_len: int) -> float:
         FLOPs per token (forward).
     """
     d, length = config.d_model, seq_len
-    if name == "attention":
+    if name in ("attention", "gated_attention"):
         # q.k and p.v over on average (T + 1) / 2 keys.
         return 2 * 2 * d * (length + 1) / 2
     if name == "local_attention":
@@ -33,6 +33,9 @@ def mixer_context_flops(name: str, config: ModelConfig, seq_len: int) -> float:
         return 2 * 3 * d + 2 * 2 * d * max(chunks, 1)
     if name == "rnn":
         return 3 * d
+    if name == "rat_plus":
+        # Full-sequence recurrence on x and k, then dense attention (the training pattern).
+        return 2 * 3 * d + 2 * 2 * d * (length + 1) / 2
     if name == "retention":
         return 2 * 2 * d * (length + 1) / 2
     raise ValueError(f"unknown mixer {name!r}")

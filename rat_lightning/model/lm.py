@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -18,6 +20,7 @@ from rat_lightning.layers import FeedForward, RMSNorm
 from rat_lightning.model.config import ModelConfig
 from rat_lightning.model.flops import flops_per_token
 from rat_lightning.model.registry import build_mixer
+from rat_lightning.sparse.pattern import InferencePattern
 
 
 class Block(nn.Module):
@@ -64,6 +67,42 @@ class RATLanguageModel(nn.Module):
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
         self.init_weights()
+        self.pattern = InferencePattern()
+        self.set_pattern(config.pattern)
+
+    def set_pattern(self, pattern: InferencePattern) -> None:
+        """Run every pattern-capable layer under ``pattern`` (forward and new caches).
+
+        Raises:
+            ConfigError: the pattern does not fit the model (layer count, heads), or it makes a
+                layer sparse whose mixer takes no pattern.
+        """
+        n_layers = len(self.blocks)
+        pattern.check(n_layers, self.config.n_heads)
+        resolved = [pattern.layer(i, n_layers) for i in range(n_layers)]
+        for i, (block, layer_pattern) in enumerate(zip(self.blocks, resolved)):
+            try:
+                block.mixer.set_pattern(layer_pattern)
+            except ValueError as error:
+                raise type(error)(f"pattern {pattern.label()}, layer {i}: {error}") from None
+        self.pattern = pattern
+
+    @contextmanager
+    def using_pattern(self, pattern: InferencePattern) -> Iterator[None]:
+        """Temporarily run under ``pattern``; the previous pattern is restored on exit."""
+        previous = self.pattern
+        self.set_pattern(pattern)
+        try:
+            yield
+        finally:
+            self.set_pattern(previous)
+
+    def cache_bytes(self, length: int, dtype: torch.dtype | None = None, read: bool = False) -> int:
+        """Decoding-cache bytes per sequence after ``length`` tokens, all layers, under the
+        current pattern; ``dtype`` of the cached activations (default: the weights'). With
+        ``read``: the bytes the last token reads instead of those held."""
+        dtype = dtype or self.embed.weight.dtype
+        return sum(block.mixer.cache_bytes(length, dtype, read) for block in self.blocks)
 
     def init_weights(self) -> None:
         """Normal(0, init_std) for every weight matrix and the embedding, ones for norms, the

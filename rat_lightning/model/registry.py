@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from rat_lightning.layers import RAT, Attention, GatedRNN, Mixer, Retention
+from rat_lightning.layers import RAT, Attention, GatedRNN, Mixer, RATPlus, Retention
 from rat_lightning.model.config import MIXER_NAMES, ModelConfig
 
 MIXERS: dict[str, Callable[[ModelConfig], Mixer]] = {
@@ -13,6 +13,8 @@ MIXERS: dict[str, Callable[[ModelConfig], Mixer]] = {
     "rnn": lambda c: GatedRNN(c.d_model, c.n_heads, c.max_seq_len, c.backend),
     "rat": lambda c: RAT(c.d_model, c.n_heads, c.n_groups, c.chunk_size, c.rope_base, c.backend),
     "retention": lambda c: Retention(c.d_model, c.n_heads, c.rope_base),
+    "rat_plus": lambda c: RATPlus(c.d_model, c.n_heads, True, c.rope_base, c.backend),
+    "gated_attention": lambda c: RATPlus(c.d_model, c.n_heads, False, c.rope_base, c.backend),
 }
 assert tuple(MIXERS) == MIXER_NAMES, "MIXERS and MIXER_NAMES must list the same mixers"
 

@@ -15,6 +15,7 @@ from rat_lightning.errors import ConfigError
 from rat_lightning.model import ModelConfig, RATLanguageModel
 from rat_lightning.model.config import RUNTIME_FIELDS
 from rat_lightning.model.generation import generate
+from rat_lightning.sparse.pattern import InferencePattern
 from rat_lightning.training.optim import build_scheduler, parameter_groups
 
 IGNORE_INDEX = -100
@@ -40,6 +41,10 @@ class LanguageModelModule(L.LightningModule):
         compile: wrap the model in ``torch.compile`` at fit start.
         generate_tokens: tokens ``predict`` generates after each prompt.
         temperature, top_k, top_p: sampling of ``predict``.
+        joint_pattern: active recurrence learning (RAT+): every batch is also trained under
+            this sparse pattern (the paper: dilation 64) and the two losses are summed. None: off.
+        init_from: a checkpoint whose weights start this run (resolution adaptation, fine-tuning):
+            weights only, with a fresh optimizer and schedule; ignored when resuming with ckpt_path.
     """
 
     def __init__(
@@ -58,19 +63,29 @@ class LanguageModelModule(L.LightningModule):
         temperature: float = 0.8,
         top_k: int | None = 50,
         top_p: float | None = None,
+        joint_pattern: InferencePattern | None = None,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if isinstance(config, dict):
             config = ModelConfig(**config)
+        if isinstance(joint_pattern, dict):
+            joint_pattern = InferencePattern(**joint_pattern)
         if lr <= 0 or min_lr < 0 or min_lr > lr:
             raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={lr}, min_lr={min_lr}")
         if warmup < 0:
             raise ValueError(f"warmup must be >= 0 (a fraction < 1 or a step count), got {warmup}")
-        self.save_hyperparameters(ignore=["config"])
-        # A plain dict keeps checkpoints loadable with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["config", "joint_pattern"])
+        # Plain dicts keep checkpoints loadable with torch.load(weights_only=True).
         self.hparams["config"] = asdict(config)
+        self.hparams["joint_pattern"] = None if joint_pattern is None else asdict(joint_pattern)
         self.config = config
+        self.joint_pattern = joint_pattern
         self.model = RATLanguageModel(config)
+        if joint_pattern is not None:
+            joint_pattern.check(config.n_layers, config.n_heads, config.max_seq_len)
+            with self.model.using_pattern(joint_pattern):  # fails now, naming the layer, if it cannot apply
+                pass
         self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
         self.test_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
         self._step_started: float | None = None
@@ -84,7 +99,24 @@ class LanguageModelModule(L.LightningModule):
             # In place: parameter names stay free of a compile-wrapper prefix in checkpoints.
             self.model.compile()
 
+    def setup(self, stage: str) -> None:
+        # Before Lightning restores a ckpt_path, so a resumed run keeps its own weights.
+        if stage == "fit" and self.hparams.init_from and self.trainer.ckpt_path is None:
+            self.load_weights(self.hparams.init_from)
+
+    def load_weights(self, path: str) -> None:
+        """Load the model weights of a Lightning checkpoint (shapes checked, nothing else taken)."""
+        try:
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except FileNotFoundError:
+            raise ConfigError(f"model.init_from: no checkpoint at {path!r}; give the path of a .ckpt file") from None
+        self._check_same_shape(checkpoint, f"model.init_from ({path})")
+        self.load_state_dict(checkpoint["state_dict"])
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_same_shape(checkpoint, "the checkpoint")
+
+    def _check_same_shape(self, checkpoint: dict[str, Any], source: str) -> None:
         saved = checkpoint.get("hyper_parameters", {}).get("config")
         if saved is None:
             return
@@ -93,8 +125,8 @@ class LanguageModelModule(L.LightningModule):
         if differ:
             details = ", ".join(f"config.{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differ.items())
             raise ConfigError(
-                f"the checkpoint was trained with another model shape ({details}); use the checkpoint's "
-                "model config (and the tokenizer it was trained with) or start a new run without ckpt_path"
+                f"{source} was trained with another model shape ({details}); use its model config "
+                "(and the tokenizer it was trained with) or start a new run"
             )
 
     @staticmethod
@@ -116,7 +148,14 @@ class LanguageModelModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", torch.exp(loss.detach()))
         self._log_throughput(input_ids.numel())
-        return loss
+        if self.joint_pattern is None:
+            return loss
+        # Active recurrence learning: under a sparse pattern attention alone cannot do the job, so
+        # the recurrence must learn to carry what the skipped keys held.
+        with self.model.using_pattern(self.joint_pattern):
+            joint_loss, _ = self.loss(self(input_ids), targets)
+        self.log("train/loss_joint", joint_loss, prog_bar=True)
+        return loss + joint_loss
 
     def _log_throughput(self, tokens: int) -> None:
         now = time.perf_counter()

@@ -1,0 +1,206 @@
+"""Softmax attention under a :class:`LayerPattern`: the parallel path and the decoding step.
+
+Both take keys and values already RoPE'd, layout ``(B, T, H, P)``. A head hybrid is computed as
+two head groups (dense heads, sparse heads), each with its own cache, so each cache holds
+exactly the keys its heads can still see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from rat_lightning.ops.dilated_attention import dilated_attention
+from rat_lightning.sparse.pattern import DENSE, LayerPattern, topk_block_mask
+
+
+@dataclass
+class PatternKVCache:
+    """Keys and values one head group keeps for decoding under its pattern.
+
+    Attributes:
+        keys, values: ``(B, S, h, P)``, keys RoPE'd, or None before the first token.
+        positions: ``(S,)`` int64 token positions of the entries (shared by the batch).
+    """
+
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        """Bytes of the keys and values held."""
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
+
+    def num_entries(self) -> int:
+        """Entries held per head."""
+        return 0 if self.keys is None else self.keys.shape[1]
+
+
+@dataclass
+class PatternCache:
+    """Decoding cache of an attention layer that runs under a pattern.
+
+    Attributes:
+        kv: one :class:`PatternKVCache` per head group of the layer's pattern.
+        state: the layer's recurrent state (RAT+: ``(V, K)`` each ``(B, H, P)`` fp32, before
+            RoPE), or None.
+        position: index of the next token.
+    """
+
+    kv: list[PatternKVCache] = field(default_factory=list)
+    state: tuple[torch.Tensor, ...] | None = None
+    position: int = 0
+
+    def nbytes(self) -> int:
+        """Bytes held: the KV entries of every head group plus the recurrent state."""
+        state = 0 if self.state is None else sum(t.numel() * t.element_size() for t in self.state)
+        return sum(c.nbytes() for c in self.kv) + state
+
+
+def head_groups(pattern: LayerPattern, n_heads: int) -> list[tuple[slice, LayerPattern]]:
+    """Split heads into (slice, pattern) groups: dense heads first, then the sparse ones."""
+    if pattern.is_dense or pattern.dense_heads == 0:
+        return [(slice(0, n_heads), pattern)]
+    if pattern.dense_heads >= n_heads:
+        return [(slice(0, n_heads), DENSE)]
+    return [(slice(0, pattern.dense_heads), DENSE), (slice(pattern.dense_heads, n_heads), pattern.sparse_only())]
+
+
+def pattern_cache_bytes(
+    pattern: LayerPattern, n_heads: int, head_dim: int, length: int, dtype: torch.dtype, read: bool = False
+) -> int:
+    """Bytes of keys and values per sequence under ``pattern`` after ``length`` tokens.
+
+    Args:
+        pattern: the layer's pattern; n_heads, head_dim: the layer's H and P.
+        length: tokens decoded so far (T).
+        dtype: dtype of the cached keys and values.
+        read: count the entries the last query attends to instead of those held (they differ
+            for top-k block, which holds every key but reads k blocks).
+    """
+    total = 0
+    for heads, group in head_groups(pattern, n_heads):
+        entries = group.read_entries(length) if read else group.entries(length)
+        total += entries * (heads.stop - heads.start)
+    return total * head_dim * 2 * torch.finfo(dtype).bits // 8
+
+
+def pattern_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pattern: LayerPattern, backend: str = "auto"
+) -> torch.Tensor:
+    """Causal attention restricted to ``pattern``.
+
+    Args:
+        query, key, value: ``(B, T, H, P)``, one float dtype, RoPE applied.
+        pattern: the layer's pattern.
+        backend: backend of the dilated-attention op ("auto": Triton on CUDA for inference).
+
+    Returns:
+        ``(B, T, H, P)`` in the input dtype.
+    """
+    groups = head_groups(pattern, query.shape[2])
+    outputs = [_attend_group(query[:, :, s], key[:, :, s], value[:, :, s], p, backend) for s, p in groups]
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+
+
+def _attend_group(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pattern: LayerPattern, backend: str
+) -> torch.Tensor:
+    if pattern.is_dense:
+        out = F.scaled_dot_product_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), is_causal=True
+        )
+        return out.transpose(1, 2)
+    if pattern.topk_blocks is None:
+        return dilated_attention(
+            query, key, value, dilation=pattern.dilation, window=pattern.window, sinks=pattern.sinks, backend=backend
+        )
+    mask = topk_block_mask(query, key, pattern.topk_blocks, pattern.block_size)
+    out = F.scaled_dot_product_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask
+    )
+    return out.transpose(1, 2)
+
+
+def init_pattern_cache(pattern: LayerPattern, n_heads: int) -> PatternCache:
+    """An empty cache with one :class:`PatternKVCache` per head group of ``pattern``."""
+    return PatternCache([PatternKVCache() for _ in head_groups(pattern, n_heads)])
+
+
+def pattern_attention_step(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    caches: list[PatternKVCache],
+    pattern: LayerPattern,
+    position: int,
+) -> tuple[torch.Tensor, list[PatternKVCache]]:
+    """One decoding step: the token at ``position`` attends to its group caches plus itself.
+
+    Args:
+        query, key, value: ``(B, H, P)`` of the new token (RoPE applied).
+        caches: one :class:`PatternKVCache` per head group (from :func:`init_pattern_caches`).
+        pattern: the layer's pattern.
+        position: the new token's index.
+
+    Returns:
+        ``(B, H, P)`` output and the caches after eviction of keys no later query can see.
+    """
+    outputs, updated = [], []
+    for (heads, group_pattern), cache in zip(head_groups(pattern, query.shape[1]), caches):
+        out, cache = _step_group(query[:, heads], key[:, heads], value[:, heads], cache, group_pattern, position)
+        outputs.append(out)
+        updated.append(cache)
+    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), updated
+
+
+def _step_group(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cache: PatternKVCache,
+    pattern: LayerPattern,
+    position: int,
+) -> tuple[torch.Tensor, PatternKVCache]:
+    new_position = torch.tensor([position], device=key.device)
+    if cache.keys is None:
+        keys, values, positions = key.unsqueeze(1), value.unsqueeze(1), new_position
+    else:
+        keys = torch.cat([cache.keys, key.unsqueeze(1)], dim=1)
+        values = torch.cat([cache.values, value.unsqueeze(1)], dim=1)
+        positions = torch.cat([cache.positions, new_position])
+    mask = None
+    if pattern.topk_blocks is not None:
+        mask = _topk_step_mask(query, keys, positions, pattern, position)
+    out = F.scaled_dot_product_attention(
+        query.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask
+    )[:, :, 0]
+    # Keep only what a later query can still see; everything kept now is seen by this query.
+    if pattern.topk_blocks is None and pattern.dilation > 1:
+        keep = ((positions + 1) % pattern.dilation == 0) | (positions > position - pattern.window) | (
+            positions < pattern.sinks
+        )
+        keys, values, positions = keys[:, keep], values[:, keep], positions[keep]
+    return out, PatternKVCache(keys, values, positions)
+
+
+def _topk_step_mask(
+    query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, pattern: LayerPattern, position: int
+) -> torch.Tensor:
+    """``(B, H, 1, S)`` mask of one query under top-k block (the cache holds every position)."""
+    size = pattern.block_size
+    own = position // size
+    seen = positions // size == own
+    batch, _, heads, _ = keys.shape
+    seen = seen.expand(batch, heads, -1).clone()
+    if own > 0 and pattern.topk_blocks > 0:
+        means = keys[:, : own * size].float().unflatten(1, (own, size)).mean(dim=2)  # (B, own, H, P)
+        scores = torch.einsum("bhp,bnhp->bhn", query.float(), means)
+        index = scores.topk(min(pattern.topk_blocks, own), dim=-1).indices
+        picked = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, True)
+        seen |= picked.gather(-1, (positions // size).clamp(max=own - 1).expand(batch, heads, -1)) & (
+            positions // size < own
+        )
+    return seen.unsqueeze(2)
