@@ -128,6 +128,25 @@ def main(args: list[str] | None = None) -> RATLightningCLI | None:
         # Our errors already name the field or file and the fix: no traceback needed.
         print(f"rat-lightning: error: {error}", file=sys.stderr)
         raise SystemExit(2) from error
+    except ValueError as error:
+        # jsonargparse wraps errors raised while it builds nested objects (a callback's patterns)
+        # in its own ValueError; ours is in the chain and is the useful line.
+        cause = _our_error(error)
+        if cause is None:
+            raise
+        print(f"rat-lightning: error: {cause}", file=sys.stderr)
+        raise SystemExit(2) from error
+
+
+def _our_error(error: BaseException) -> ConfigError | None:
+    """The first ConfigError or DataError in ``error``'s chain of causes, if any."""
+    from rat_lightning.data import DataError
+
+    while error is not None:
+        if isinstance(error, (ConfigError, DataError)):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 if __name__ == "__main__":

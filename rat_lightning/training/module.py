@@ -100,8 +100,9 @@ class LanguageModelModule(L.LightningModule):
             self.model.compile()
 
     def setup(self, stage: str) -> None:
-        # Before Lightning restores a ckpt_path, so a resumed run keeps its own weights.
-        if stage == "fit" and self.hparams.init_from and self.trainer.ckpt_path is None:
+        # Before Lightning restores a ckpt_path (which then replaces these weights on a resume)
+        # and before a sharding strategy wraps the model.
+        if stage == "fit" and self.hparams.init_from:
             self.load_weights(self.hparams.init_from)
 
     def load_weights(self, path: str) -> None:
