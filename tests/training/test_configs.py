@@ -52,21 +52,24 @@ def test_quickstart_composes_with_the_data_config():
     assert exit_info.value.code == 0
 
 
-def test_rat_plus_recipes_compose_and_train(tmp_path):
+def test_rat_plus_recipes_compose_and_train(tmp_path, monkeypatch):
     from rat_lightning.data import prepare
 
     corpus = Path(__file__).resolve().parents[2] / "data" / "corpus" / "alice.txt"
     prepare([str(corpus)], str(tmp_path / "data"), vocab_size=300)
+    monkeypatch.chdir(tmp_path)  # the recipes write under runs/
     common = ["--config", str(CONFIGS / "model" / "rat_plus-tiny.yaml"), "--config", str(CONFIGS / "trainer" / "cpu.yaml")]
-    small = ["--data.data_dir", str(tmp_path / "data"), "--data.seq_len", "64", "--data.batch_size", "2"]
-    pretrain = tmp_path / "pretrain"
+    small = ["--data.data_dir", str(tmp_path / "data"), "--data.seq_len", "64", "--data.batch_size", "2",
+             "--trainer.limit_val_batches", "1"]
     main(["fit", *common, "--config", str(CONFIGS / "experiment" / "rat_plus-pretrain.yaml"), *small,
-          "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
-          "--trainer.logger.init_args.save_dir", str(pretrain), "--trainer.callbacks+=ModelCheckpoint",
-          "--trainer.callbacks.dirpath", str(pretrain / "ckpt")])
+          "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"])
+    pretrain = tmp_path / "runs" / "rat_plus-pretrain"
     assert list(pretrain.rglob("sparse_eval/step00000002.json")), "the recipe's grid ran at validation"
-    adapt = tmp_path / "adapt"
     main(["fit", *common, "--config", str(CONFIGS / "experiment" / "rat_plus-adapt.yaml"), *small,
-          "--model.init_from", str(next((pretrain / "ckpt").glob("*.ckpt"))), "--model.config.pattern.window", "8",
-          "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1", "--trainer.logger.init_args.save_dir", str(adapt),
-          "--trainer.callbacks.dirpath", str(adapt / "ckpt")])
+          "--model.init_from", str(pretrain / "checkpoints" / "last.ckpt"), "--model.config.pattern.window", "8",
+          "--trainer.max_steps", "1"])
+    adapted = torch.load(tmp_path / "runs" / "rat_plus-adapt" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert adapted["hyper_parameters"]["config"]["pattern"] == {
+        "dilation": 16, "window": 8, "sinks": 4, "topk_blocks": None, "block_size": 64, "dense_layers": [],
+        "dense_heads": 0, "name": None,
+    }
