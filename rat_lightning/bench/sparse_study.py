@@ -37,7 +37,8 @@ GRID: list[dict[str, Any]] = [
     {"topk_blocks": 4, "block_size": 16},
     {"topk_blocks": 2, "block_size": 64},
 ]
-ADAPT: list[dict[str, Any]] = [{"dilation": 16}, {"dilation": 64}, {"dilation": 16, "window": 64}]
+# Every structured pattern of the grid with D > 1 and no hybrid, adapted one by one.
+ADAPT: list[dict[str, Any]] = [{"dilation": d, **({"window": w} if w else {})} for w in (0, 64) for d in (4, 16, 64)]
 MODELS = {
     # name: (mixer, joint pattern)
     "rat_plus": ("rat_plus", {"dilation": 64}),
