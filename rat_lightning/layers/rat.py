@@ -115,7 +115,9 @@ class RAT(Mixer):
         z, value, gate, query, key = self._project(x)
         previous = None if cache.position % self.chunk_size == 0 else cache.state
         sx, sk = gated_recurrence_step(value, gate, previous, key, gate_bias=self.gate_bias)
-        attn = chunk_attention_step(query, sk, sx, *self._summaries(cache, sx), rope_base=self.rope_base)
+        attn = chunk_attention_step(
+            query, sk, sx, *self._summaries(cache, sx), rope_base=self.rope_base, backend=self.backend
+        )
         out = self.w_out((torch.sigmoid(z.to(attn.dtype)) * attn.flatten(1)).to(x.dtype))
         chunk_keys, chunk_values, state = cache.chunk_keys, cache.chunk_values, (sx, sk)
         if (cache.position + 1) % self.chunk_size == 0:

@@ -7,9 +7,10 @@ import importlib.util
 import torch
 
 from rat_lightning.ops.backend import resolve_backend
-from rat_lightning.ops.chunk_attention.reference import chunk_attention_reference, chunk_attention_step
+from rat_lightning.ops.chunk_attention.reference import chunk_attention_reference
+from rat_lightning.ops.chunk_attention.reference import chunk_attention_step as chunk_attention_step_reference
 
-__all__ = ["chunk_attention", "chunk_attention_step"]
+__all__ = ["chunk_attention", "chunk_attention_step", "chunk_attention_step_reference"]
 
 # The Triton module is imported on first use: its kernels are built (or set up for the
 # interpreter, TRITON_INTERPRET=1) when it is imported, and CPU-only installs never need it.
@@ -58,3 +59,66 @@ def chunk_attention(
 
         return chunk_attention_triton(q, k, v, chunk_size, rope_base, scale)
     return chunk_attention_reference(q, k, v, chunk_size, rope_base, scale)
+
+
+def chunk_attention_step(
+    q: torch.Tensor,
+    k_own: torch.Tensor,
+    v_own: torch.Tensor,
+    k_chunks: torch.Tensor,
+    v_chunks: torch.Tensor,
+    rope_base: float = 10000.0,
+    scale: float | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One decoding step of inter-chunk attention (maths: :func:`.reference.chunk_attention_step`).
+
+    Args:
+        q: ``(B, H, P)`` query of the current token, in chunk c = C.
+        k_own, v_own: ``(B, H, P)`` running states of the current chunk.
+        k_chunks, v_chunks: ``(B, C, H, P)`` summaries of the C finished chunks (not rotated); C may be 0.
+        rope_base: RoPE base.
+        scale: default ``P ** -0.5``.
+        backend: ``"auto"`` (the Triton decode kernel on CUDA for fp16 / bf16 / fp32 inputs when no
+            gradient is needed, else the reference), ``"reference"`` or ``"triton"`` (forward only;
+            also CPU tensors under TRITON_INTERPRET=1).
+
+    Returns:
+        ``(B, H, P)`` fp32 (the reference gives fp64 for fp64 inputs).
+    """
+    if q.dim() != 3 or k_own.shape != q.shape or v_own.shape != q.shape:
+        raise ValueError(
+            f"q, k_own, v_own must be (batch, heads, head_dim) of one shape; got {tuple(q.shape)}, "
+            f"{tuple(k_own.shape)}, {tuple(v_own.shape)}"
+        )
+    if (
+        k_chunks.dim() != 4
+        or v_chunks.shape != k_chunks.shape
+        or (k_chunks.shape[0], *k_chunks.shape[2:]) != tuple(q.shape)
+    ):
+        raise ValueError(
+            f"k_chunks, v_chunks must be (batch, chunks, heads, head_dim) matching q {tuple(q.shape)}; got "
+            f"{tuple(k_chunks.shape)}, {tuple(v_chunks.shape)}"
+        )
+    inputs = (q, k_own, v_own, k_chunks, v_chunks)
+    dtypes = tuple(x.dtype for x in inputs)
+    supported = all(dtype in _TRITON_DTYPES for dtype in dtypes)
+    # The decode kernel has no backward: a differentiable call takes the reference under "auto".
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+    if backend == "triton":
+        if not supported:
+            raise ValueError(f"the Triton kernel takes fp16, bf16 or fp32 inputs, got {dtypes}; use backend='reference'")
+        if needs_grad:
+            raise ValueError(
+                "backend='triton' is forward-only for the decode step but an input requires grad; use "
+                "backend='auto' or 'reference' (differentiable), or call it under torch.no_grad()"
+            )
+    fits = supported and not needs_grad
+    if resolve_backend(backend, q, available=_AVAILABLE if fits else ()) == "triton":
+        if q.shape[-1] % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {q.shape[-1]}; pick d_model / n_heads even")
+        from rat_lightning.ops.chunk_attention.decode import chunk_attention_decode_triton
+
+        return chunk_attention_decode_triton(q, k_own, v_own, k_chunks, v_chunks, rope_base, scale)
+    return chunk_attention_step_reference(q, k_own, v_own, k_chunks, v_chunks, rope_base, scale)

@@ -1,0 +1,427 @@
+"""Triton decode kernel for one step of RAT's inter-chunk attention (flash-decoding style).
+
+Maths (see :func:`.reference.chunk_attention_step`): the query q of the current token, in chunk
+c = C, attends in one softmax to the C finished chunk summaries K_j, V_j (j < C; RoPE at j on K_j,
+at C on q) and to its own running state (score q . k_own unrotated, value v_own). Forward only.
+
+Kernel ``chunk_attention_decode_kernel``, grid (splits, B * H): one program owns one (b, h) and
+a contiguous range of tiles of BLOCK_N summaries. Single query, so no tl.dot: scores are
+elementwise products summed over P, the value update a weighted sum over the tile's rows. The
+online softmax is fp32 in base 2 (scores times scale * log2(e)); split 0 seeds it with the own
+term, so with one split the running max is finite from the start. With one split the program
+writes o = acc / l; with several (long C at small B * H, see :func:`num_splits`) each writes
+its partial (m, l, acc) and ``chunk_attention_decode_merge_kernel`` (grid B * H) combines them.
+
+RoPE without per-key transcendentals: <R(C) q, R(j) K_j> = <R(C - j0) q, R(n) K_j> for j = j0 + n
+(rotations in a plane commute), so each tile rotates q once by the angle of C - j0 (P/2 cosines
+and sines per tile), and the keys by R(n), n < BLOCK_N, from a (BLOCK_N, P/2) cos/sin table each
+program builds once. Keys are loaded as their two halves of P/2 (rotate-half pairs i, i + P/2) in
+their own dtype through their strides (no copies) and rotated in fp32. Angles are computed in
+turns (position * inv_freq / 2 pi, from a per-(P, base) fp64 table), reduced to [-1/2, 1/2] in
+fp64, then cos / sin run in fp32 on an argument in [-pi, pi]: the rotation matches the reference's
+fp64 angles to ~1e-7 at any C (fp32 angles j * inv_freq lose ~5e-4 rad at C = 8192; set
+``angle_fp64=False`` to get that behaviour, kept for the error comparison in the tests).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction
+
+__all__ = [
+    "CONFIGS",
+    "SUPPORTED_DTYPES",
+    "DecodeConfig",
+    "chunk_attention_decode",
+    "chunk_attention_decode_triton",
+    "num_splits",
+]
+
+# Log2(e): the kernel works in base 2 (exp2 is one instruction), scores scaled by scale * log2(e).
+_LOG2E = 1.4426950408889634
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# H100 SXM; the CPU interpreter has no device properties (only num_splits' choice depends on it).
+_DEFAULT_SMS = 132
+
+
+class DecodeConfig(NamedTuple):
+    """Launch configuration: block_n summaries per tile (a power of two), warps, pipeline stages."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Per summary dtype. Untuned first guesses (no GPU when written): a (32, 128) tile of keys and one
+# of values per loop iteration, plus the (32, 64) cos / sin table, keep ~100 fp32 registers per
+# thread at 4 warps. ``python -m rat_lightning.bench.decode --sweep`` times the alternatives.
+CONFIGS = {
+    "decode": DecodeConfig(32, 4, 2),
+    "decode_fp32": DecodeConfig(32, 4, 2),
+}
+# Programs per SM that num_splits aims at (several resident programs per SM hide load latency),
+# and the fewest tiles a split gets (a split costs a q rotation table, a partial write and a merge).
+_PROGRAMS_PER_SM = 4
+_MIN_TILES_PER_SPLIT = 2
+
+
+@triton.jit
+def _col_mask(o_col, N: tl.constexpr, BLOCK: tl.constexpr):
+    """``o_col < N``; a constant where BLOCK == N (keeps loads along P vectorised)."""
+    if BLOCK == N:
+        return tl.full([BLOCK], 1, tl.int1)
+    return o_col < N
+
+
+@triton.jit
+def _cos_sin(b_turns):
+    """cos and sin (fp32) of 2 pi * turns: reduced to [-1/2, 1/2] turn in the turns' dtype first."""
+    b_frac = b_turns - tl.floor(b_turns + 0.5)
+    b_angle = b_frac.to(tl.float32) * 6.283185307179586
+    return tl.cos(b_angle), tl.sin(b_angle)
+
+
+@triton.jit
+def chunk_attention_decode_kernel(
+    q,
+    k_own,
+    v_own,
+    k_chunks,
+    v_chunks,
+    turns,
+    o,
+    m_part,
+    l_part,
+    acc_part,
+    C,
+    tiles_per_split,
+    n_splits,
+    qk_scale,
+    stride_qb,
+    stride_qh,
+    stride_qp,
+    stride_kob,
+    stride_koh,
+    stride_kop,
+    stride_vob,
+    stride_voh,
+    stride_vop,
+    stride_kb,
+    stride_kc,
+    stride_kh,
+    stride_kp,
+    stride_vb,
+    stride_vc,
+    stride_vh,
+    stride_vp,
+    H: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_PH: tl.constexpr,
+    SPLIT: tl.constexpr,
+    ANGLE_DTYPE: tl.constexpr,
+):
+    """One (split, b, h): online softmax over its summary tiles (plus the own term on split 0).
+
+    q, k_own, v_own: (B, H, P) any strides; k_chunks, v_chunks: (B, C, H, P) any strides, not
+    rotated; turns: (P/2,) fp64 inv_freq / (2 pi); o: (B, H, P) fp32 contiguous (SPLIT=False);
+    m_part, l_part (B * H, n_splits) and acc_part (B * H, n_splits, P) fp32 (SPLIT=True).
+    """
+    i_s, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_n = tl.arange(0, BLOCK_N)
+    o_ph = tl.arange(0, BLOCK_PH)
+    m_ph = _col_mask(o_ph, P // 2, BLOCK_PH)
+
+    # Query and own state, as halves of P/2.
+    p_q = q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh + o_ph * stride_qp
+    b_q1 = tl.load(p_q, mask=m_ph, other=0.0).to(tl.float32)
+    b_q2 = tl.load(p_q + P // 2 * stride_qp, mask=m_ph, other=0.0).to(tl.float32)
+    p_ko = k_own + i_b.to(tl.int64) * stride_kob + i_h * stride_koh + o_ph * stride_kop
+    b_ko1 = tl.load(p_ko, mask=m_ph, other=0.0).to(tl.float32)
+    b_ko2 = tl.load(p_ko + P // 2 * stride_kop, mask=m_ph, other=0.0).to(tl.float32)
+    p_vo = v_own + i_b.to(tl.int64) * stride_vob + i_h * stride_voh + o_ph * stride_vop
+    b_vo1 = tl.load(p_vo, mask=m_ph, other=0.0).to(tl.float32)
+    b_vo2 = tl.load(p_vo + P // 2 * stride_vop, mask=m_ph, other=0.0).to(tl.float32)
+
+    # Own term (q and k_own both at chunk C: the rotations cancel), on split 0 only.
+    own = i_s == 0
+    b_s_own = (tl.sum(b_q1 * b_ko1, 0) + tl.sum(b_q2 * b_ko2, 0)) * qk_scale
+    b_m = tl.where(own, b_s_own, float("-inf"))
+    b_l = tl.where(own, 1.0, 0.0)
+    b_acc1 = tl.where(own, b_vo1, 0.0)
+    b_acc2 = tl.where(own, b_vo2, 0.0)
+
+    # Per-program table of R(n), n < BLOCK_N: (BLOCK_N, BLOCK_PH) fp32.
+    b_turns = tl.load(turns + o_ph, mask=m_ph, other=0.0).to(ANGLE_DTYPE)
+    b_cn, b_sn = _cos_sin(o_n[:, None].to(ANGLE_DTYPE) * b_turns[None, :])
+
+    k_bh = k_chunks + i_b.to(tl.int64) * stride_kb + i_h * stride_kh
+    v_bh = v_chunks + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
+    o_kp = (o_ph * stride_kp)[None, :]
+    o_vp = (o_ph * stride_vp)[None, :]
+    n_tiles = tl.cdiv(C, BLOCK_N)
+    tile_lo = i_s * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, n_tiles)
+    for i_t in range(tile_lo, tile_hi):
+        j0 = i_t * BLOCK_N
+        # q rotated by the angle of C - j0 (>= 1): one cos / sin of P/2 per tile.
+        b_cq, b_sq = _cos_sin((C - j0).to(ANGLE_DTYPE) * b_turns)
+        b_qr1 = b_q1 * b_cq - b_q2 * b_sq
+        b_qr2 = b_q2 * b_cq + b_q1 * b_sq
+        o_j = j0 + o_n
+        m_j = o_j < C
+        m_jp = m_j[:, None] & m_ph[None, :]
+        p_k = k_bh + o_j.to(tl.int64)[:, None] * stride_kc + o_kp
+        b_k1 = tl.load(p_k, mask=m_jp, other=0.0).to(tl.float32)
+        b_k2 = tl.load(p_k + P // 2 * stride_kp, mask=m_jp, other=0.0).to(tl.float32)
+        # R(n) K_j, rotate-half: (k1 cos - k2 sin, k2 cos + k1 sin).
+        b_kr1 = b_k1 * b_cn - b_k2 * b_sn
+        b_kr2 = b_k2 * b_cn + b_k1 * b_sn
+        b_s = tl.sum(b_kr1 * b_qr1[None, :] + b_kr2 * b_qr2[None, :], 1) * qk_scale
+        b_s = tl.where(m_j, b_s, float("-inf"))
+        # Every tile of a split has a key j < C, so b_m_new is finite.
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 0))
+        b_alpha = tl.exp2(b_m - b_m_new)
+        b_p = tl.exp2(b_s - b_m_new)
+        b_l = b_l * b_alpha + tl.sum(b_p, 0)
+        p_v = v_bh + o_j.to(tl.int64)[:, None] * stride_vc + o_vp
+        b_v1 = tl.load(p_v, mask=m_jp, other=0.0).to(tl.float32)
+        b_v2 = tl.load(p_v + P // 2 * stride_vp, mask=m_jp, other=0.0).to(tl.float32)
+        b_acc1 = b_acc1 * b_alpha + tl.sum(b_p[:, None] * b_v1, 0)
+        b_acc2 = b_acc2 * b_alpha + tl.sum(b_p[:, None] * b_v2, 0)
+        b_m = b_m_new
+
+    if SPLIT:
+        o_part = i_bh.to(tl.int64) * n_splits + i_s
+        tl.store(m_part + o_part, b_m)
+        tl.store(l_part + o_part, b_l)
+        p_acc = acc_part + o_part * P + o_ph
+        tl.store(p_acc, b_acc1, mask=m_ph)
+        tl.store(p_acc + P // 2, b_acc2, mask=m_ph)
+    else:
+        p_o = o + i_bh.to(tl.int64) * P + o_ph
+        tl.store(p_o, b_acc1 / b_l, mask=m_ph)
+        tl.store(p_o + P // 2, b_acc2 / b_l, mask=m_ph)
+
+
+@triton.jit
+def chunk_attention_decode_merge_kernel(
+    m_part,
+    l_part,
+    acc_part,
+    o,
+    n_splits,
+    P: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """Combine the partial (m, l, acc) of every split of one (b, h): o = sum w acc / sum w l."""
+    i_bh = tl.program_id(0)
+    o_s = tl.arange(0, BLOCK_S)
+    m_s = o_s < n_splits
+    o_p = tl.arange(0, BLOCK_P)
+    m_p = _col_mask(o_p, P, BLOCK_P)
+    o_part = i_bh.to(tl.int64) * n_splits + o_s
+    b_m = tl.load(m_part + o_part, mask=m_s, other=float("-inf"))
+    # Split 0 holds the own term, so the max is finite; padded splits get weight exp2(-inf) = 0.
+    b_w = tl.exp2(b_m - tl.max(b_m, 0))
+    b_l = tl.sum(b_w * tl.load(l_part + o_part, mask=m_s, other=0.0), 0)
+    b_acc = tl.load(acc_part + o_part[:, None] * P + o_p[None, :], mask=m_s[:, None] & m_p[None, :], other=0.0)
+    b_o = tl.sum(b_w[:, None] * b_acc, 0) / b_l
+    tl.store(o + i_bh.to(tl.int64) * P + o_p, b_o, mask=m_p)
+
+
+def _is_interpreted() -> bool:
+    # The kernel was decorated for the interpreter (TRITON_INTERPRET=1 at import) if it is not a
+    # JITFunction; triton.knobs, the newer switch, is not in every supported Triton.
+    return not isinstance(chunk_attention_decode_kernel, JITFunction)
+
+
+_TURNS: dict[tuple[int, float, str], torch.Tensor] = {}
+
+
+def _turns_table(head_dim: int, base: float, device: torch.device) -> torch.Tensor:
+    """(P/2,) fp64 inv_freq / (2 pi), inv_freq as in :func:`rat_lightning.ops.rope.rope_angles`; cached."""
+    key = (head_dim, float(base), str(device))
+    table = _TURNS.get(key)
+    if table is None:
+        # Built on the device (no host copy: fine under CUDA graph capture).
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim)
+        table = _TURNS[key] = inv_freq / (2 * math.pi)
+    return table
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _DEFAULT_SMS
+
+
+def num_splits(batch_heads: int, chunks: int, block_n: int, sm_count: int = _DEFAULT_SMS) -> int:
+    """Splits over C per (b, h): enough programs for ``_PROGRAMS_PER_SM`` per SM, no empty split.
+
+    Args:
+        batch_heads: B * H programs without a split.
+        chunks: C finished chunks.
+        block_n: summaries per tile.
+        sm_count: SMs of the GPU (132 on an H100 SXM).
+
+    Returns:
+        s >= 1 such that each split has the same number of tiles (the last one fewer) and at
+        least ``_MIN_TILES_PER_SPLIT`` where s > 1.
+    """
+    tiles = triton.cdiv(chunks, block_n)
+    wanted = triton.cdiv(_PROGRAMS_PER_SM * sm_count, max(batch_heads, 1))
+    splits = max(1, min(wanted, tiles // _MIN_TILES_PER_SPLIT))
+    # Even out the tiles per split, then drop the splits that the rounding left empty.
+    return triton.cdiv(tiles, triton.cdiv(tiles, splits)) if tiles else 1
+
+
+def _check_inputs(q, k_own, v_own, k_chunks, v_chunks) -> None:
+    if q.dim() != 3 or k_own.shape != q.shape or v_own.shape != q.shape:
+        raise ValueError(
+            f"q, k_own, v_own must be (batch, heads, head_dim) of one shape; got {tuple(q.shape)}, "
+            f"{tuple(k_own.shape)}, {tuple(v_own.shape)}"
+        )
+    batch, heads, head_dim = q.shape
+    if k_chunks.dim() != 4 or v_chunks.shape != k_chunks.shape or (
+        k_chunks.shape[0], k_chunks.shape[2], k_chunks.shape[3]) != (batch, heads, head_dim):  # fmt: skip
+        raise ValueError(
+            f"k_chunks, v_chunks must be (batch, chunks, heads, head_dim) = ({batch}, C, {heads}, {head_dim}); "
+            f"got {tuple(k_chunks.shape)}, {tuple(v_chunks.shape)}"
+        )
+    dtypes = tuple(x.dtype for x in (q, k_own, v_own, k_chunks, v_chunks))
+    if any(dtype not in SUPPORTED_DTYPES for dtype in dtypes):
+        raise ValueError(f"the Triton decode kernel takes fp16, bf16 or fp32 tensors, got {dtypes}")
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}; pick d_model / n_heads even")
+    if not q.is_cuda and not _is_interpreted():
+        raise ValueError(
+            "the Triton decode kernel needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
+            "imported, for tests on CPU); use backend='reference' or 'auto'"
+        )
+
+
+def chunk_attention_decode(
+    q: torch.Tensor,
+    k_own: torch.Tensor,
+    v_own: torch.Tensor,
+    k_chunks: torch.Tensor,
+    v_chunks: torch.Tensor,
+    rope_base: float,
+    scale: float,
+    config: DecodeConfig | None = None,
+    splits: int | None = None,
+    angle_fp64: bool = True,
+) -> torch.Tensor:
+    """Launch the decode kernel (and the merge kernel where C is split); no autograd.
+
+    Args:
+        q, k_own, v_own: ``(B, H, P)``; k_chunks, v_chunks: ``(B, C, H, P)`` (not rotated); each
+            fp16, bf16 or fp32 (dtypes may differ), any strides (read in place), P even.
+        rope_base, scale: as in the reference.
+        config: tile and launch options; default ``CONFIGS["decode"]`` (``"decode_fp32"`` for
+            fp32 summaries).
+        splits: splits over C; default :func:`num_splits` (clamped so that no split is empty).
+        angle_fp64: reduce RoPE angles in fp64 (default); False computes them in fp32.
+
+    Returns:
+        ``(B, H, P)`` fp32, contiguous.
+    """
+    _check_inputs(q, k_own, v_own, k_chunks, v_chunks)
+    batch, heads, head_dim = q.shape
+    chunks = k_chunks.shape[1]
+    o = torch.empty((batch, heads, head_dim), device=q.device, dtype=torch.float32)
+    if o.numel() == 0:
+        return o
+    config = config or CONFIGS["decode_fp32" if k_chunks.dtype == torch.float32 else "decode"]
+    tiles = triton.cdiv(chunks, config.block_n)
+    if splits is None:
+        splits = num_splits(batch * heads, chunks, config.block_n, _sm_count(q.device))
+    splits = max(1, min(int(splits), tiles))
+    tiles_per_split = triton.cdiv(tiles, splits) if tiles else 0
+    splits = triton.cdiv(tiles, tiles_per_split) if tiles else 1
+    if chunks == 0:
+        # Nothing is read from the summaries; the own state stands in so that no kernel gets the
+        # null pointer of an empty tensor.
+        k_chunks, v_chunks = k_own.unsqueeze(1), v_own.unsqueeze(1)
+    if splits > 1:
+        m_part = torch.empty((batch * heads, splits), device=q.device, dtype=torch.float32)
+        l_part = torch.empty_like(m_part)
+        acc_part = torch.empty((batch * heads, splits, head_dim), device=q.device, dtype=torch.float32)
+    else:
+        m_part = l_part = acc_part = o
+    chunk_attention_decode_kernel[(splits, batch * heads)](
+        q, k_own, v_own, k_chunks, v_chunks, _turns_table(head_dim, rope_base, q.device), o, m_part, l_part,
+        acc_part, chunks, tiles_per_split, splits, scale * _LOG2E,
+        *q.stride(), *k_own.stride(), *v_own.stride(), *k_chunks.stride(), *v_chunks.stride(),
+        H=heads, P=head_dim, BLOCK_N=config.block_n, BLOCK_PH=triton.next_power_of_2(head_dim // 2),
+        SPLIT=splits > 1, ANGLE_DTYPE=tl.float64 if angle_fp64 else tl.float32, num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )  # fmt: skip
+    if splits > 1:
+        chunk_attention_decode_merge_kernel[(batch * heads,)](
+            m_part, l_part, acc_part, o, splits, P=head_dim, BLOCK_S=triton.next_power_of_2(splits),
+            BLOCK_P=triton.next_power_of_2(head_dim), num_warps=4 if head_dim * splits >= 4096 else 1,
+        )  # fmt: skip
+    return o
+
+
+@torch.library.custom_op("rat_lightning::chunk_attention_decode", mutates_args=())
+def _decode_op(
+    q: torch.Tensor,
+    k_own: torch.Tensor,
+    v_own: torch.Tensor,
+    k_chunks: torch.Tensor,
+    v_chunks: torch.Tensor,
+    rope_base: float,
+    scale: float,
+) -> torch.Tensor:
+    return chunk_attention_decode(q, k_own, v_own, k_chunks, v_chunks, rope_base, scale)
+
+
+@_decode_op.register_fake
+def _decode_fake(q, k_own, v_own, k_chunks, v_chunks, rope_base, scale):
+    return q.new_empty(q.shape, dtype=torch.float32)
+
+
+def _backward(ctx, do):
+    # Registered so that a differentiable call fails loudly at backward instead of silently
+    # returning no gradients; the dispatcher sends differentiable calls to the reference.
+    raise RuntimeError(
+        "the Triton decode kernel is forward-only; call chunk_attention_step(..., backend='auto' or "
+        "'reference') when gradients are needed"
+    )
+
+
+_decode_op.register_autograd(_backward)
+
+
+def chunk_attention_decode_triton(
+    q: torch.Tensor,
+    k_own: torch.Tensor,
+    v_own: torch.Tensor,
+    k_chunks: torch.Tensor,
+    v_chunks: torch.Tensor,
+    rope_base: float = 10000.0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Forward-only Triton decode step (torch custom op ``rat_lightning::chunk_attention_decode``).
+
+    Args:
+        q, k_own, v_own: ``(B, H, P)``; k_chunks, v_chunks: ``(B, C, H, P)`` summaries (not rotated);
+            fp16 / bf16 / fp32, any strides, P even.
+        rope_base: RoPE base; positions are chunk indices.
+        scale: default ``P ** -0.5``.
+
+    Returns:
+        ``(B, H, P)`` fp32.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _decode_op(q, k_own, v_own, k_chunks, v_chunks, float(rope_base), scale)
