@@ -4,7 +4,7 @@ Maths (see :func:`.reference.chunk_attention_step`): the query q of the current 
 c = C, attends in one softmax to the C finished chunk summaries K_j, V_j (j < C; RoPE at j on K_j,
 at C on q) and to its own running state (score q . k_own unrotated, value v_own). Forward only.
 
-Kernel ``chunk_attention_decode_kernel``, grid (splits, B * H): one program owns one (b, h) and
+Kernel ``chunk_attention_decode_kernel``, grid (B * H, splits): one program owns one (b, h) and
 a contiguous range of tiles of BLOCK_N summaries. Single query, so no tl.dot: scores are
 elementwise products summed over P, the value update a weighted sum over the tile's rows. The
 online softmax is fp32 in base 2 (scores times scale * log2(e)); split 0 seeds it with the own
@@ -132,7 +132,7 @@ def chunk_attention_decode_kernel(
     rotated; turns: (P/2,) fp64 inv_freq / (2 pi); o: (B, H, P) fp32 contiguous (SPLIT=False);
     m_part, l_part (B * H, n_splits) and acc_part (B * H, n_splits, P) fp32 (SPLIT=True).
     """
-    i_s, i_bh = tl.program_id(0), tl.program_id(1)
+    i_bh, i_s = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_n = tl.arange(0, BLOCK_N)
     o_ph = tl.arange(0, BLOCK_PH)
@@ -357,7 +357,7 @@ def chunk_attention_decode(
         acc_part = torch.empty((batch * heads, splits, head_dim), device=q.device, dtype=torch.float32)
     else:
         m_part = l_part = acc_part = o
-    chunk_attention_decode_kernel[(splits, batch * heads)](
+    chunk_attention_decode_kernel[(batch * heads, splits)](
         q, k_own, v_own, k_chunks, v_chunks, _turns_table(head_dim, rope_base, q.device), o, m_part, l_part,
         acc_part, chunks, tiles_per_split, splits, scale * _LOG2E,
         *q.stride(), *k_own.stride(), *v_own.stride(), *k_chunks.stride(), *v_chunks.stride(),
