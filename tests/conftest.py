@@ -28,3 +28,14 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, name
     assert torch.isfinite(actual).all(), f"{name}: non-finite values"
     error = ((actual - expected).norm() / expected.norm().clamp(min=1e-30)).item()
     assert error <= rtol, f"{name}: relative error {error:.3e} > {rtol:.1e}"
+
+
+def decode_steps(mixer: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """Run ``mixer.step`` over the tokens of ``x`` ``(B, T, d)`` from an empty cache; returns the
+    stacked outputs ``(B, T, d)`` and the final cache."""
+    cache = mixer.init_cache(x.shape[0], x.device)
+    outputs = []
+    for t in range(x.shape[1]):
+        y, cache = mixer.step(x[:, t], cache)
+        outputs.append(y)
+    return torch.stack(outputs, dim=1), cache

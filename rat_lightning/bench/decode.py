@@ -33,14 +33,16 @@ import argparse
 import itertools
 import json
 import os
-import statistics
-import time
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from rat_lightning.ops.chunk_attention import chunk_attention_step, chunk_attention_step_reference
+from rat_lightning.bench.timing import median_ms
+from rat_lightning.ops.chunk_attention import (
+    chunk_attention_step,
+    chunk_attention_step_reference,
+)
 
 CONTEXTS = (4096, 65536)
 # Peak temporaries of the reference step: about 6 fp32 copies of the summaries (upcast, rotated
@@ -50,19 +52,8 @@ REFERENCE_COPIES = 6
 SWEEP = {"block_n": (16, 32, 64, 128), "num_warps": (2, 4, 8), "num_stages": (1, 2)}
 
 
-def _time(fn: Callable[[], object], device: torch.device, warmup: int = 25, rep: int = 200) -> float:
-    """Median milliseconds of ``fn``: CUDA events through do_bench, or a host clock on CPU (smoke)."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def _time(fn: Callable[[], object], device: torch.device) -> float:
+    return median_ms(fn, device, warmup=25, rep=200)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int) -> float:

@@ -28,14 +28,17 @@ import functools
 import json
 import math
 import os
-import statistics
-import time
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from rat_lightning.ops.dilated_attention import dilated_attention, dilated_mask, dilated_mask_rows
+from rat_lightning.bench.timing import median_ms
+from rat_lightning.ops.dilated_attention import (
+    dilated_attention,
+    dilated_mask,
+    dilated_mask_rows,
+)
 
 PATTERNS = ((16, 0, 0), (64, 0, 0), (16, 256, 4))
 SEQ_LENS = (4096, 16384, 65536)
@@ -43,19 +46,8 @@ SEQ_LENS = (4096, 16384, 65536)
 REFERENCE_MASK_LIMIT = 8e9
 
 
-def _time(fn: Callable[[], object], device: torch.device, warmup: int = 10, rep: int = 50) -> float:
-    """Median milliseconds of ``fn``: CUDA events through do_bench, or a host clock on CPU (smoke)."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def _time(fn: Callable[[], object], device: torch.device) -> float:
+    return median_ms(fn, device, warmup=10, rep=50)
 
 
 def allowed_pairs(length: int, dilation: int, window: int, sinks: int) -> int:

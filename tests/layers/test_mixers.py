@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rat_lightning.layers import RAT, Attention, GatedRNN, Retention
-from tests.conftest import assert_close
+from tests.conftest import assert_close, decode_steps
 
 D_MODEL, HEADS = 32, 4
 MIXERS = {
@@ -18,22 +18,13 @@ MIXERS = {
 }
 
 
-def _decode(mixer, x):
-    cache = mixer.init_cache(x.shape[0], x.device)
-    outputs = []
-    for t in range(x.shape[1]):
-        y, cache = mixer.step(x[:, t], cache)
-        outputs.append(y)
-    return torch.stack(outputs, dim=1), cache
-
-
 @pytest.mark.parametrize("name", MIXERS)
 # Multiples and non-multiples of the chunk size (5) and the window (4).
 @pytest.mark.parametrize("length", [1, 4, 5, 16, 37])
 def test_forward_equals_step_by_step(name, length):
     mixer = MIXERS[name]().double()
     x = torch.randn(2, length, D_MODEL, dtype=torch.float64)
-    stepped, _ = _decode(mixer, x)
+    stepped, _ = decode_steps(mixer, x)
     assert_close(stepped, mixer(x), 1e-10, name)
 
 
@@ -41,7 +32,7 @@ def test_forward_equals_step_by_step(name, length):
 def test_forward_equals_step_in_fp32(name):
     mixer = MIXERS[name]()
     x = torch.randn(2, 21, D_MODEL)
-    stepped, _ = _decode(mixer, x)
+    stepped, _ = decode_steps(mixer, x)
     assert_close(stepped, mixer(x), 1e-5, name)
 
 
@@ -73,9 +64,9 @@ def test_rat_with_chunk_at_least_length_is_the_gated_rnn():
 def test_cache_sizes(length):
     chunk, window = 5, 4
     x = torch.randn(2, length, D_MODEL, dtype=torch.float64)
-    _, rat_cache = _decode(RAT(D_MODEL, HEADS, chunk_size=chunk).double(), x)
-    _, attn_cache = _decode(Attention(D_MODEL, HEADS).double(), x)
-    _, local_cache = _decode(Attention(D_MODEL, HEADS, window=window).double(), x)
+    _, rat_cache = decode_steps(RAT(D_MODEL, HEADS, chunk_size=chunk).double(), x)
+    _, attn_cache = decode_steps(Attention(D_MODEL, HEADS).double(), x)
+    _, local_cache = decode_steps(Attention(D_MODEL, HEADS, window=window).double(), x)
     assert rat_cache.num_entries() == math.ceil(length / chunk)
     assert attn_cache.kv[0].num_entries() == length
     assert local_cache.keys.shape[1] == min(length, window)

@@ -8,7 +8,7 @@ from rat_lightning.errors import ConfigError
 from rat_lightning.layers import RAT, Attention, RATPlus
 from rat_lightning.model import ModelConfig, RATLanguageModel
 from rat_lightning.sparse import InferencePattern, LayerPattern, topk_block_mask
-from tests.conftest import assert_close
+from tests.conftest import assert_close, decode_steps
 
 D_MODEL, HEADS = 32, 4
 LAYER_PATTERNS = {
@@ -25,15 +25,6 @@ MIXERS = {
     "gated_attention": lambda: RATPlus(D_MODEL, HEADS, recurrent=False),
     "attention": lambda: Attention(D_MODEL, HEADS),
 }
-
-
-def _decode(mixer, x):
-    cache = mixer.init_cache(x.shape[0], x.device)
-    outputs = []
-    for t in range(x.shape[1]):
-        y, cache = mixer.step(x[:, t], cache)
-        outputs.append(y)
-    return torch.stack(outputs, dim=1), cache
 
 
 def test_topk_block_mask_picks_the_highest_scoring_earlier_blocks():
@@ -59,7 +50,7 @@ def test_forward_equals_step_with_the_patterns_cache(mixer_name, pattern_name, l
     mixer = MIXERS[mixer_name]().double()
     mixer.set_pattern(LAYER_PATTERNS[pattern_name])
     x = torch.randn(2, length, D_MODEL, dtype=torch.float64)
-    stepped, _ = _decode(mixer, x)
+    stepped, _ = decode_steps(mixer, x)
     assert_close(stepped, mixer(x), 1e-10, f"{mixer_name} {pattern_name}")
 
 
@@ -90,7 +81,7 @@ def test_cache_bytes_match_the_tensors_held(mixer_name, pattern_name, dtype):
     mixer = MIXERS[mixer_name]().to(dtype)
     mixer.set_pattern(LAYER_PATTERNS[pattern_name])
     for length in (1, 9, 29):
-        _, cache = _decode(mixer, torch.randn(1, length, D_MODEL, dtype=dtype))
+        _, cache = decode_steps(mixer, torch.randn(1, length, D_MODEL, dtype=dtype))
         assert _held_bytes(cache) == mixer.cache_bytes(length, dtype), (length, pattern_name)
 
 
@@ -100,7 +91,7 @@ def test_cache_shrinks_with_dilation():
     entries = {}
     for name in ("dense", "D4", "D4+W3+I2", "D64"):
         mixer.set_pattern(LAYER_PATTERNS[name])
-        _, cache = _decode(mixer, torch.randn(1, length, D_MODEL, dtype=torch.float64))
+        _, cache = decode_steps(mixer, torch.randn(1, length, D_MODEL, dtype=torch.float64))
         entries[name] = cache.kv[0].num_entries()
     # D4: positions 3, 7, ..., 63; +W3 adds 61, 62 (63 is dilated); +I2 adds 0, 1.
     assert entries == {"dense": 64, "D4": 16, "D4+W3+I2": 20, "D64": 1}
@@ -109,7 +100,7 @@ def test_cache_shrinks_with_dilation():
 def test_rat_cache_bytes_match_its_cache():
     rat = RAT(D_MODEL, HEADS, chunk_size=5)
     for length in (1, 5, 12):
-        _, cache = _decode(rat, torch.randn(1, length, D_MODEL))
+        _, cache = decode_steps(rat, torch.randn(1, length, D_MODEL))
         tensors = [cache.chunk_keys, cache.chunk_values, *(cache.state or ())]
         held = sum(t.numel() * t.element_size() for t in tensors if t is not None)
         assert held == rat.cache_bytes(length, torch.float32)
@@ -199,7 +190,7 @@ def test_every_mixer_reports_the_cache_it_holds():
 
     for mixer in (GatedRNN(D_MODEL, HEADS, max_seq_len=16), Retention(D_MODEL, HEADS), Attention(D_MODEL, HEADS, 4)):
         for length in (1, 7):
-            _, cache = _decode(mixer, torch.randn(1, length, D_MODEL))
+            _, cache = decode_steps(mixer, torch.randn(1, length, D_MODEL))
             tensors = [v for v in vars(cache).values() if isinstance(v, torch.Tensor)]
             held = sum(t.numel() * t.element_size() for t in tensors)
             assert held == mixer.cache_bytes(length, torch.float32), type(mixer).__name__
