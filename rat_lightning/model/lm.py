@@ -67,7 +67,6 @@ class RATLanguageModel(nn.Module):
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
         self.init_weights()
-        self.pattern = InferencePattern()
         self.set_pattern(config.pattern)
 
     def set_pattern(self, pattern: InferencePattern) -> None:
@@ -86,6 +85,13 @@ class RATLanguageModel(nn.Module):
             except ValueError as error:
                 raise type(error)(f"pattern {pattern.label()}, layer {i}: {error}") from None
         self.pattern = pattern
+
+    def check_pattern(self, pattern: InferencePattern, seq_len: int | None = None) -> None:
+        """Raise :class:`ConfigError` now if ``pattern`` cannot run on this model (or on
+        sequences of ``seq_len`` tokens); the current pattern is left as it is."""
+        pattern.check(len(self.blocks), self.config.n_heads, seq_len)
+        with self.using_pattern(pattern):
+            pass
 
     @contextmanager
     def using_pattern(self, pattern: InferencePattern) -> Iterator[None]:

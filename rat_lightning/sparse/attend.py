@@ -29,10 +29,6 @@ class PatternKVCache:
     values: torch.Tensor | None = None
     positions: torch.Tensor | None = None
 
-    def nbytes(self) -> int:
-        """Bytes of the keys and values held."""
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
-
     def num_entries(self) -> int:
         """Entries held per head."""
         return 0 if self.keys is None else self.keys.shape[1]
@@ -52,11 +48,6 @@ class PatternCache:
     kv: list[PatternKVCache] = field(default_factory=list)
     state: tuple[torch.Tensor, ...] | None = None
     position: int = 0
-
-    def nbytes(self) -> int:
-        """Bytes held: the KV entries of every head group plus the recurrent state."""
-        state = 0 if self.state is None else sum(t.numel() * t.element_size() for t in self.state)
-        return sum(c.nbytes() for c in self.kv) + state
 
 
 def head_groups(pattern: LayerPattern, n_heads: int) -> list[tuple[slice, LayerPattern]]:
@@ -141,7 +132,7 @@ def pattern_attention_step(
 
     Args:
         query, key, value: ``(B, H, P)`` of the new token (RoPE applied).
-        caches: one :class:`PatternKVCache` per head group (from :func:`init_pattern_caches`).
+        caches: one :class:`PatternKVCache` per head group (from :func:`init_pattern_cache`).
         pattern: the layer's pattern.
         position: the new token's index.
 
@@ -178,10 +169,8 @@ def _step_group(
         query.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask
     )[:, :, 0]
     # Keep only what a later query can still see; everything kept now is seen by this query.
-    if pattern.topk_blocks is None and pattern.dilation > 1:
-        keep = ((positions + 1) % pattern.dilation == 0) | (positions > position - pattern.window) | (
-            positions < pattern.sinks
-        )
+    if pattern.evicts:
+        keep = pattern.still_needed(positions, position + 1)
         keys, values, positions = keys[:, keep], values[:, keep], positions[keep]
     return out, PatternKVCache(keys, values, positions)
 

@@ -52,13 +52,23 @@ class LayerPattern:
         """This pattern without its dense heads (what the sparse heads do)."""
         return replace(self, dense_heads=0)
 
+    @property
+    def evicts(self) -> bool:
+        """True when a decoding cache can drop keys (structured sparse patterns); dense and
+        top-k block keep every key."""
+        return self.topk_blocks is None and self.dilation > 1
+
+    def still_needed(self, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """Bool mask over key ``positions`` (< ``length``): True where some query at or after
+        ``length`` can still see the key. The one eviction rule of the decoding caches."""
+        if not self.evicts:
+            return torch.ones_like(positions, dtype=torch.bool)
+        return ((positions + 1) % self.dilation == 0) | (positions >= length - self.window) | (positions < self.sinks)
+
     def kept_positions(self, length: int) -> torch.Tensor:
-        """Positions a decoding cache must still hold after ``length`` tokens (int64, sorted):
-        the keys some later query can see. Top-k blocks need every key."""
+        """Positions a decoding cache must still hold after ``length`` tokens (int64, sorted)."""
         j = torch.arange(length)
-        if self.topk_blocks is not None or self.dilation == 1:
-            return j
-        return j[((j + 1) % self.dilation == 0) | (j >= length - self.window) | (j < self.sinks)]
+        return j[self.still_needed(j, length)]
 
     def entries(self, length: int) -> int:
         """KV entries per sparse head held after ``length`` tokens."""

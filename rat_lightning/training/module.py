@@ -83,9 +83,7 @@ class LanguageModelModule(L.LightningModule):
         self.joint_pattern = joint_pattern
         self.model = RATLanguageModel(config)
         if joint_pattern is not None:
-            joint_pattern.check(config.n_layers, config.n_heads, config.max_seq_len)
-            with self.model.using_pattern(joint_pattern):  # fails now, naming the layer, if it cannot apply
-                pass
+            self.model.check_pattern(joint_pattern, config.max_seq_len)
         self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
         self.test_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
         self._step_started: float | None = None

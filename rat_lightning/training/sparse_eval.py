@@ -72,12 +72,9 @@ class SparseInferenceEval(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Fail before any training if a pattern cannot apply to this model or sequence length.
-        model, config = pl_module.model, pl_module.model.config
         seq_len = getattr(trainer.datamodule, "seq_len", None) if trainer.datamodule is not None else None
         for pattern in self.patterns:
-            pattern.check(config.n_layers, config.n_heads, seq_len)
-            with model.using_pattern(pattern):
-                pass
+            pl_module.model.check_pattern(pattern, seq_len)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn != "fit" and trainer.ckpt_path:
