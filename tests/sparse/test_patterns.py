@@ -194,3 +194,24 @@ def test_every_mixer_reports_the_cache_it_holds():
             tensors = [v for v in vars(cache).values() if isinstance(v, torch.Tensor)]
             held = sum(t.numel() * t.element_size() for t in tensors)
             assert held == mixer.cache_bytes(length, torch.float32), type(mixer).__name__
+
+
+@pytest.mark.parametrize("mixer_name", MIXERS)
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        LayerPattern(dilation=4, window=40),  # the window covers every key
+        LayerPattern(dilation=64, sinks=40),  # the sinks cover every key
+        LayerPattern(topk_blocks=10, block_size=4),  # k covers every earlier block
+        LayerPattern(dilation=5, window=40, dense_heads=1),
+    ],
+    ids=lambda p: p.label(),
+)
+def test_every_sparse_pattern_at_full_budget_equals_dense(mixer_name, pattern):
+    # PITFALLS 6: a sparse method given every key must be dense attention, on both paths.
+    mixer = MIXERS[mixer_name]().double()
+    x = torch.randn(2, 37, D_MODEL, dtype=torch.float64)
+    dense = mixer(x)
+    mixer.set_pattern(pattern)
+    assert_close(mixer(x), dense, 1e-12, pattern.label())
+    assert_close(decode_steps(mixer, x)[0], dense, 1e-10, pattern.label())
