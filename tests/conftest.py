@@ -32,10 +32,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, name
 
 def decode_steps(mixer: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, object]:
     """Run ``mixer.step`` over the tokens of ``x`` ``(B, T, d)`` from an empty cache; returns the
-    stacked outputs ``(B, T, d)`` and the final cache."""
-    cache = mixer.init_cache(x.shape[0], x.device)
-    outputs = []
-    for t in range(x.shape[1]):
-        y, cache = mixer.step(x[:, t], cache)
-        outputs.append(y)
-    return torch.stack(outputs, dim=1), cache
+    stacked outputs ``(B, T, d)`` and the final cache. Always token by token (the base class's
+    ``prefill``), never a mixer's parallel override."""
+    from rat_lightning.layers.base import Mixer
+
+    return Mixer.prefill(mixer, x, mixer.init_cache(x.shape[0], x.device))

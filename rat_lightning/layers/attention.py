@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rat_lightning.layers.base import Mixer, append_along_seq, split_heads
+from rat_lightning.layers.base import Mixer, split_heads
 from rat_lightning.ops.rope import apply_rope
 from rat_lightning.sparse.attend import (
     PatternCache,
@@ -17,6 +17,7 @@ from rat_lightning.sparse.attend import (
     pattern_attention,
     pattern_attention_step,
     pattern_cache_bytes,
+    prefill_pattern_cache,
 )
 
 
@@ -71,10 +72,14 @@ class Attention(Mixer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, T, d_model)`` -> ``(B, T, d_model)``."""
+        return self._mix(x)[0]
+
+    def _mix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The parallel path: output ``(B, T, d_model)``, RoPE'd keys and values ``(B, T, H, P)``."""
         length = x.shape[1]
         query, key, value = self._project(x, torch.arange(length, device=x.device))
         if self.window is None:
-            return self.w_out(pattern_attention(query, key, value, self.pattern).flatten(2))
+            return self.w_out(pattern_attention(query, key, value, self.pattern).flatten(2)), key, value
         mask = None
         if self.window < length:
             t = torch.arange(length, device=x.device)
@@ -83,7 +88,7 @@ class Attention(Mixer):
         out = F.scaled_dot_product_attention(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask, is_causal=mask is None
         )
-        return self.w_out(out.transpose(1, 2).flatten(2))
+        return self.w_out(out.transpose(1, 2).flatten(2)), key, value
 
     def cache_bytes(self, length: int, dtype: torch.dtype, read: bool = False) -> int:
         """Keys and values: min(T, W) entries per head with a window, else the pattern's."""
@@ -92,9 +97,10 @@ class Attention(Mixer):
             return min(length, self.window) * self.n_heads * head_dim * 2 * torch.finfo(dtype).bits // 8
         return pattern_cache_bytes(self.pattern, self.n_heads, head_dim, length, dtype, read)
 
-    def init_cache(self, batch_size: int, device: torch.device) -> KVCache | PatternCache:
-        """An empty cache: a sliding window's, or the pattern's (full attention)."""
-        return KVCache() if self.window is not None else init_pattern_cache(self.pattern, self.n_heads)
+    def init_cache(self, batch_size: int, device: torch.device, capacity: int = 0) -> KVCache | PatternCache:
+        """An empty cache: a sliding window's, or the pattern's (full attention; groups that keep
+        every key reserve room for ``capacity`` tokens)."""
+        return KVCache() if self.window is not None else init_pattern_cache(self.pattern, self.n_heads, capacity)
 
     def step(
         self, x: torch.Tensor, cache: KVCache | PatternCache
@@ -105,9 +111,23 @@ class Attention(Mixer):
         if isinstance(cache, PatternCache):
             out, kv = pattern_attention_step(query[:, 0], key[:, 0], value[:, 0], cache.kv, self.pattern, cache.position)
             return self.w_out(out.flatten(1)), PatternCache(kv, None, cache.position + 1)
-        keys = append_along_seq(cache.keys, key[:, 0])
-        values = append_along_seq(cache.values, value[:, 0])
-        if self.window is not None:
-            keys, values = keys[:, -self.window :], values[:, -self.window :]
+        # A window's cache is at most W entries: concatenating and dropping the oldest is cheap.
+        keys, values = (key, value) if cache.keys is None else (
+            torch.cat([cache.keys, key], dim=1), torch.cat([cache.values, value], dim=1))  # fmt: skip
+        keys, values = keys[:, -self.window :], values[:, -self.window :]
         out = F.scaled_dot_product_attention(query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2))
         return self.w_out(out.transpose(1, 2).flatten(1)), KVCache(keys, values, cache.position + 1)
+
+    def prefill(
+        self, x: torch.Tensor, cache: KVCache | PatternCache
+    ) -> tuple[torch.Tensor, KVCache | PatternCache]:
+        """A prompt through the parallel path (SDPA / the dilated kernel); the cache keeps what
+        ``step`` would have kept."""
+        if cache.position:
+            return super().prefill(x, cache)
+        out, key, value = self._mix(x)
+        length = x.shape[1]
+        if isinstance(cache, KVCache):
+            return out, KVCache(key[:, -self.window :], value[:, -self.window :], length)
+        capacity = max(kv.keys.reserve for kv in cache.kv)
+        return out, PatternCache(prefill_pattern_cache(key, value, self.pattern, capacity), None, length)

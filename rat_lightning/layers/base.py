@@ -16,7 +16,8 @@ class Mixer(nn.Module, ABC):
     """A token mixer: ``forward`` over a whole sequence, ``step`` one token at a time.
 
     ``step`` over tokens 0..T-1 from ``init_cache`` must equal ``forward`` over the T tokens
-    (tests hold every mixer to this). Caches are explicit objects, never hidden module state.
+    (tests hold every mixer to this), and ``prefill`` of a prompt must leave the cache ``step``
+    would. Caches are explicit objects, never hidden module state.
 
     Mixers with ``supports_pattern`` attend under an inference pattern (:meth:`set_pattern`);
     the others are always dense (or have their own fixed structure).
@@ -30,12 +31,23 @@ class Mixer(nn.Module, ABC):
         """``(B, T, d_model)`` -> ``(B, T, d_model)``."""
 
     @abstractmethod
-    def init_cache(self, batch_size: int, device: torch.device) -> Any:
-        """An empty decoding cache for ``batch_size`` sequences."""
+    def init_cache(self, batch_size: int, device: torch.device, capacity: int = 0) -> Any:
+        """An empty decoding cache for ``batch_size`` sequences, with room reserved for
+        ``capacity`` tokens where the cache grows (0: grow as needed)."""
 
     @abstractmethod
     def step(self, x: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
         """One token: ``(B, d_model)`` and the cache -> ``(B, d_model)`` and the updated cache."""
+
+    def prefill(self, x: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        """A prompt at once: ``(B, T, d_model)`` and a cache -> ``(B, T, d_model)`` and the cache
+        after it. This default steps token by token; mixers override it with their parallel path
+        (from an empty cache) where that is what makes generation fast."""
+        outputs = []
+        for t in range(x.shape[1]):
+            y, cache = self.step(x[:, t], cache)
+            outputs.append(y)
+        return torch.stack(outputs, dim=1), cache
 
     def set_pattern(self, pattern: LayerPattern) -> None:
         """Attend under ``pattern`` from now on (forward and new caches)."""
@@ -62,9 +74,3 @@ class Mixer(nn.Module, ABC):
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """``(..., heads * P)`` -> ``(..., heads, P)``."""
     return x.unflatten(-1, (heads, x.shape[-1] // heads))
-
-
-def append_along_seq(cache: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
-    """Append ``(B, H, P)`` to a ``(B, S, H, P)`` cache (or start one)."""
-    new = new.unsqueeze(1)
-    return new if cache is None else torch.cat([cache, new], dim=1)

@@ -10,14 +10,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from rat_lightning.layers.base import Mixer, append_along_seq, split_heads
+from rat_lightning.layers.base import Mixer, split_heads
+from rat_lightning.layers.cache import SequenceBuffer
 from rat_lightning.layers.rnn import init_gate_bias
-from rat_lightning.ops.chunk_attention import chunk_attention, chunk_attention_step
+from rat_lightning.ops.chunk_attention import chunk_attention, chunk_attention_step, rotate_summary
 from rat_lightning.ops.recurrence import gated_recurrence, gated_recurrence_step
 from rat_lightning.ops.recurrence.reference import compute_dtype
 
@@ -27,22 +28,28 @@ class RATCache:
     """Decoding cache of one RAT layer: ceil(T / L) entries per head instead of T.
 
     Attributes:
-        chunk_keys, chunk_values: ``(B, C, H, P)`` fp32 summaries of the C finished chunks
-            (keys before RoPE), or None before the first chunk ends.
-        state: running ``(sx, sk)`` of the current chunk, each ``(B, H, P)`` fp32, or None
-            when the last chunk has just finished (the next token restarts the recurrence).
+        keys, values: :class:`SequenceBuffer` of the C finished chunks' summaries ``(B, C, H, P)``
+            in the layer input's dtype (bf16 for a bf16 model), keys with RoPE at their chunk
+            index applied once, when the chunk ended.
+        state: running ``(sx, sk)`` of the current chunk, each ``(B, H, P)`` fp32 (fp64 for fp64
+            inputs), or None when the last chunk has just finished (the next token restarts the
+            recurrence).
         position: index of the next token.
     """
 
-    chunk_keys: torch.Tensor | None = None
-    chunk_values: torch.Tensor | None = None
+    keys: SequenceBuffer = field(default_factory=SequenceBuffer)
+    values: SequenceBuffer = field(default_factory=SequenceBuffer)
     state: tuple[torch.Tensor, torch.Tensor] | None = None
     position: int = 0
 
     def num_entries(self) -> int:
         """Key/value entries held per head: finished chunks plus the running state."""
-        finished = 0 if self.chunk_keys is None else self.chunk_keys.shape[1]
-        return finished + (self.state is not None)
+        return self.keys.length + (self.state is not None)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held per batch: summaries plus the running state."""
+        return self.keys.nbytes + self.values.nbytes + sum(t.numel() * t.element_size() for t in self.state or ())
 
 
 class RAT(Mixer):
@@ -94,41 +101,56 @@ class RAT(Mixer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, T, d_model)`` -> ``(B, T, d_model)``; any T (a last partial chunk is fine)."""
+        return self._mix(x)[0]
+
+    def _mix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The parallel path: output ``(B, T, d_model)`` and the states sx, sk ``(B, T, H, P)``."""
         z, value, gate, query, key = self._project(x)
         sx, sk = gated_recurrence(
             value, gate, key, gate_bias=self.gate_bias, chunk_size=self.chunk_size, backend=self.backend
         )
         attn = chunk_attention(query, sk, sx, self.chunk_size, rope_base=self.rope_base, backend=self.backend)
-        return self.w_out(torch.sigmoid(z) * attn.flatten(2))
+        return self.w_out(torch.sigmoid(z) * attn.flatten(2)), sx, sk
 
     def cache_bytes(self, length: int, dtype: torch.dtype, read: bool = False) -> int:
-        """Finished chunks' summaries plus the running state (if a chunk is open), fp32."""
-        entries = length // self.chunk_size + (length % self.chunk_size > 0)
-        return entries * 2 * self.w_out.in_features * torch.finfo(compute_dtype(dtype)).bits // 8
+        """Finished chunks' summaries in ``dtype`` plus the running state (if a chunk is open) in fp32."""
+        width = 2 * self.w_out.in_features
+        summaries = length // self.chunk_size * width * torch.finfo(dtype).bits // 8
+        state = width * torch.finfo(compute_dtype(dtype)).bits // 8 if length % self.chunk_size else 0
+        return summaries + state
 
-    def init_cache(self, batch_size: int, device: torch.device) -> RATCache:
-        """An empty cache."""
-        return RATCache()
+    def init_cache(self, batch_size: int, device: torch.device, capacity: int = 0) -> RATCache:
+        """An empty cache with room for the summaries of ``capacity`` tokens."""
+        chunks = capacity // self.chunk_size
+        return RATCache(SequenceBuffer(reserve=chunks), SequenceBuffer(reserve=chunks))
 
     def step(self, x: torch.Tensor, cache: RATCache) -> tuple[torch.Tensor, RATCache]:
         """``(B, d_model)`` -> ``(B, d_model)``; a finished chunk's states join the summaries."""
         z, value, gate, query, key = self._project(x)
         previous = None if cache.position % self.chunk_size == 0 else cache.state
         sx, sk = gated_recurrence_step(value, gate, previous, key, gate_bias=self.gate_bias)
-        attn = chunk_attention_step(
-            query, sk, sx, *self._summaries(cache, sx), rope_base=self.rope_base, backend=self.backend
-        )
+        keys, values = cache.keys.data, cache.values.data
+        if keys is None:
+            keys = values = sx.new_zeros(sx.shape[0], 0, *sx.shape[1:])
+        attn = chunk_attention_step(query, sk, sx, keys, values, rope_base=self.rope_base, backend=self.backend)
         out = self.w_out((torch.sigmoid(z.to(attn.dtype)) * attn.flatten(1)).to(x.dtype))
-        chunk_keys, chunk_values, state = cache.chunk_keys, cache.chunk_values, (sx, sk)
-        if (cache.position + 1) % self.chunk_size == 0:
-            # The finished chunk's state becomes its summary; the next token restarts anyway.
-            chunk_keys, chunk_values = append_along_seq(chunk_keys, sk), append_along_seq(chunk_values, sx)
-            state = None
-        return out, RATCache(chunk_keys, chunk_values, state, cache.position + 1)
+        if (cache.position + 1) % self.chunk_size:
+            return out, RATCache(cache.keys, cache.values, (sx, sk), cache.position + 1)
+        # The finished chunk's state becomes its summary; the next token restarts anyway.
+        chunk = cache.position // self.chunk_size
+        keys = cache.keys.append(rotate_summary(sk, chunk, self.rope_base).to(x.dtype))
+        return out, RATCache(keys, cache.values.append(sx.to(x.dtype)), None, cache.position + 1)
 
-    @staticmethod
-    def _summaries(cache: RATCache, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if cache.chunk_keys is None:
-            empty = like.new_zeros(like.shape[0], 0, *like.shape[1:])
-            return empty, empty
-        return cache.chunk_keys, cache.chunk_values
+    def prefill(self, x: torch.Tensor, cache: RATCache) -> tuple[torch.Tensor, RATCache]:
+        """A prompt through the parallel path (kernels on CUDA); the summaries are the states at
+        chunk ends, rotated and cast as ``step`` stores them."""
+        if cache.position:
+            return super().prefill(x, cache)
+        out, sx, sk = self._mix(x)
+        length, size = x.shape[1], self.chunk_size
+        ends = slice(size - 1, length // size * size, size)
+        keys = cache.keys.extend(rotate_summary(sk[:, ends], 0, self.rope_base).to(x.dtype))
+        values = cache.values.extend(sx[:, ends].to(x.dtype))
+        state_dtype = compute_dtype(x.dtype)
+        state = (sx[:, -1].to(state_dtype), sk[:, -1].to(state_dtype)) if length % size else None
+        return out, RATCache(keys, values, state, length)

@@ -27,6 +27,7 @@ from rat_lightning.sparse.attend import (
     pattern_attention,
     pattern_attention_step,
     pattern_cache_bytes,
+    prefill_pattern_cache,
 )
 
 
@@ -57,14 +58,22 @@ class RATPlus(Mixer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, T, d_model)`` -> ``(B, T, d_model)`` under the layer's pattern."""
+        return self._mix(x)[0]
+
+    def _mix(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The parallel path: output ``(B, T, d_model)``, RoPE'd keys and values ``(B, T, H, P)``
+        in x's dtype, and the last recurrent states ``(V, K)`` (None without the recurrence)."""
         gate_out, query, key, value, *gate = self._project(x)
+        state = None
         if self.recurrent:
             value, key = gated_recurrence(value, gate[0], key, backend=self.backend)
+            state = tuple(t[:, -1].to(compute_dtype(x.dtype)) for t in (value, key))
         positions = torch.arange(x.shape[1], device=x.device)
         query = apply_rope(query, positions, self.rope_base).to(x.dtype)
         key = apply_rope(key, positions, self.rope_base).to(x.dtype)
-        attn = pattern_attention(query, key, value.to(x.dtype), self.pattern, self.backend)
-        return self.w_out(torch.sigmoid(gate_out) * attn.flatten(2))
+        value = value.to(x.dtype)
+        attn = pattern_attention(query, key, value, self.pattern, self.backend)
+        return self.w_out(torch.sigmoid(gate_out) * attn.flatten(2)), key, value, state
 
     def cache_bytes(self, length: int, dtype: torch.dtype, read: bool = False) -> int:
         """KV entries of the pattern plus, for RAT+, the two fp32 recurrent states."""
@@ -73,9 +82,10 @@ class RATPlus(Mixer):
         state = 2 * self.w_out.in_features * torch.finfo(compute_dtype(dtype)).bits // 8
         return kv + (state if self.recurrent and length > 0 else 0)
 
-    def init_cache(self, batch_size: int, device: torch.device) -> PatternCache:
-        """An empty cache for the current pattern (KV entries plus the recurrent state)."""
-        return init_pattern_cache(self.pattern, self.n_heads)
+    def init_cache(self, batch_size: int, device: torch.device, capacity: int = 0) -> PatternCache:
+        """An empty cache for the current pattern (KV entries plus the recurrent state); groups
+        that keep every key reserve room for ``capacity`` tokens."""
+        return init_pattern_cache(self.pattern, self.n_heads, capacity)
 
     def step(self, x: torch.Tensor, cache: PatternCache) -> tuple[torch.Tensor, PatternCache]:
         """``(B, d_model)`` -> ``(B, d_model)``; keeps only the keys the pattern still needs."""
@@ -90,3 +100,11 @@ class RATPlus(Mixer):
         attn, kv = pattern_attention_step(query, key, value.to(x.dtype), cache.kv, self.pattern, cache.position)
         out = self.w_out(torch.sigmoid(gate_out) * attn.flatten(1))
         return out, PatternCache(kv, state, cache.position + 1)
+
+    def prefill(self, x: torch.Tensor, cache: PatternCache) -> tuple[torch.Tensor, PatternCache]:
+        """A prompt through the parallel path; the cache keeps what ``step`` would have kept."""
+        if cache.position:
+            return super().prefill(x, cache)
+        out, key, value, state = self._mix(x)
+        capacity = max(kv.keys.reserve for kv in cache.kv)
+        return out, PatternCache(prefill_pattern_cache(key, value, self.pattern, capacity), state, x.shape[1])

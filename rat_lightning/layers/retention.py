@@ -68,8 +68,8 @@ class Retention(Mixer):
         head_dim = self.w_out.in_features // self.n_heads
         return (length > 0) * self.n_heads * head_dim * head_dim * torch.finfo(dtype).bits // 8
 
-    def init_cache(self, batch_size: int, device: torch.device) -> RetentionCache:
-        """An empty cache."""
+    def init_cache(self, batch_size: int, device: torch.device, capacity: int = 0) -> RetentionCache:
+        """An empty cache (a fixed-size state: ``capacity`` needs no room)."""
         return RetentionCache()
 
     def step(self, x: torch.Tensor, cache: RetentionCache) -> tuple[torch.Tensor, RetentionCache]:

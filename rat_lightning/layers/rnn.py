@@ -61,8 +61,8 @@ class GatedRNN(Mixer):
         """One running state of d_model channels in the recurrence's compute dtype."""
         return (length > 0) * self.w_out.in_features * torch.finfo(compute_dtype(dtype)).bits // 8
 
-    def init_cache(self, batch_size: int, device: torch.device) -> RNNCache:
-        """An empty cache."""
+    def init_cache(self, batch_size: int, device: torch.device, capacity: int = 0) -> RNNCache:
+        """An empty cache (a fixed-size state: ``capacity`` needs no room)."""
         return RNNCache()
 
     def step(self, x: torch.Tensor, cache: RNNCache) -> tuple[torch.Tensor, RNNCache]:

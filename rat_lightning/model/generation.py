@@ -61,8 +61,8 @@ def generate(
 ) -> torch.Tensor:
     """Continue ``prompt`` token by token through the model's step path.
 
-    The prompt is fed through ``step`` too, so every mixer's cache is built exactly as in
-    decoding (prefill through ``forward`` is a later optimisation).
+    The prompt goes through :meth:`RATLanguageModel.prefill` (each mixer's parallel path where
+    it has one), the new tokens through ``step``; caches reserve room for the whole sequence.
 
     Args:
         model: the language model.
@@ -76,9 +76,8 @@ def generate(
     """
     if prompt.dim() != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must be (batch, length >= 1), got {tuple(prompt.shape)}")
-    caches = model.init_cache(prompt.shape[0], prompt.device)
-    for t in range(prompt.shape[1]):
-        logits, caches = model.step(prompt[:, t], caches)
+    caches = model.init_cache(prompt.shape[0], prompt.device, capacity=prompt.shape[1] + max_new_tokens)
+    logits, caches = model.prefill(prompt, caches)
     tokens = [prompt]
     finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     for _ in range(max_new_tokens):

@@ -49,6 +49,12 @@ class Block(nn.Module):
         h = h + mixed
         return h + self.ffn(self.ffn_norm(h)), cache
 
+    def prefill(self, h: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        """``(B, T, d_model)`` -> ``(B, T, d_model)`` and the mixer's cache after the T tokens."""
+        mixed, cache = self.mixer.prefill(self.mixer_norm(h), cache)
+        h = h + mixed
+        return h + self.ffn(self.ffn_norm(h)), cache
+
 
 class RATLanguageModel(nn.Module):
     """A causal language model of RAT-family blocks.
@@ -132,10 +138,20 @@ class RATLanguageModel(nn.Module):
             h = block(h)
         return self.head(self.norm(h))
 
-    def init_cache(self, batch_size: int, device: torch.device | None = None) -> list[Any]:
-        """One empty cache per layer."""
+    def init_cache(self, batch_size: int, device: torch.device | None = None, capacity: int = 0) -> list[Any]:
+        """One empty cache per layer, with room reserved for ``capacity`` tokens (0: grow as needed)."""
         device = device or self.embed.weight.device
-        return [block.mixer.init_cache(batch_size, device) for block in self.blocks]
+        return [block.mixer.init_cache(batch_size, device, capacity) for block in self.blocks]
+
+    def prefill(self, input_ids: torch.Tensor, caches: list[Any]) -> tuple[torch.Tensor, list[Any]]:
+        """A prompt at once: ``(B, T)`` ids -> the last token's ``(B, vocab_size)`` logits and the
+        caches ``step`` would have built (each mixer's parallel path where it has one)."""
+        h = self.embed(input_ids)
+        new_caches = []
+        for block, cache in zip(self.blocks, caches):
+            h, cache = block.prefill(h, cache)
+            new_caches.append(cache)
+        return self.head(self.norm(h[:, -1])), new_caches
 
     def step(self, token: torch.Tensor, caches: list[Any]) -> tuple[torch.Tensor, list[Any]]:
         """One token per sequence: ``(B,)`` ids -> ``(B, vocab_size)`` logits and new caches."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from rat_lightning.layers.cache import SequenceBuffer
 from rat_lightning.ops.dilated_attention import dilated_attention
 from rat_lightning.sparse.pattern import DENSE, LayerPattern, topk_block_mask
 
@@ -21,17 +22,23 @@ class PatternKVCache:
     """Keys and values one head group keeps for decoding under its pattern.
 
     Attributes:
-        keys, values: ``(B, S, h, P)``, keys RoPE'd, or None before the first token.
-        positions: ``(S,)`` int64 token positions of the entries (shared by the batch).
+        keys, values: :class:`SequenceBuffer` of ``(B, S, h, P)`` entries, keys RoPE'd.
+        positions: ``(S,)`` int64 token positions of the entries (shared by the batch) where the
+            pattern evicts keys; None where it keeps every key (entry i is position i).
     """
 
-    keys: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-    positions: torch.Tensor | None = None
+    keys: SequenceBuffer = field(default_factory=SequenceBuffer)
+    values: SequenceBuffer = field(default_factory=SequenceBuffer)
+    positions: torch.Tensor | None = field(default=None, metadata={"batch": False})
 
     def num_entries(self) -> int:
         """Entries held per head."""
-        return 0 if self.keys is None else self.keys.shape[1]
+        return self.keys.length
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the keys and values held."""
+        return self.keys.nbytes + self.values.nbytes
 
 
 @dataclass
@@ -115,9 +122,45 @@ def _attend_group(
     return out.transpose(1, 2)
 
 
-def init_pattern_cache(pattern: LayerPattern, n_heads: int) -> PatternCache:
-    """An empty cache with one :class:`PatternKVCache` per head group of ``pattern``."""
-    return PatternCache([PatternKVCache() for _ in head_groups(pattern, n_heads)])
+def init_pattern_cache(pattern: LayerPattern, n_heads: int, capacity: int = 0) -> PatternCache:
+    """An empty cache with one :class:`PatternKVCache` per head group of ``pattern``; groups that
+    keep every key reserve room for ``capacity`` tokens."""
+    return PatternCache([_empty_group_cache(group, capacity) for _, group in head_groups(pattern, n_heads)])
+
+
+def _empty_group_cache(pattern: LayerPattern, capacity: int) -> PatternKVCache:
+    if pattern.evicts:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return PatternKVCache(positions=empty)
+    return PatternKVCache(SequenceBuffer(reserve=capacity), SequenceBuffer(reserve=capacity))
+
+
+def prefill_pattern_cache(
+    key: torch.Tensor, value: torch.Tensor, pattern: LayerPattern, capacity: int = 0
+) -> list[PatternKVCache]:
+    """The group caches after a prompt, from its keys and values (as ``step`` would leave them).
+
+    Args:
+        key, value: ``(B, T, H, P)`` of the prompt, keys RoPE'd, in the cache's dtype.
+        pattern: the layer's pattern.
+        capacity: tokens to reserve room for in groups that keep every key.
+
+    Returns:
+        One :class:`PatternKVCache` per head group, holding what a later query may still see.
+    """
+    caches = []
+    length = key.shape[1]
+    for heads, group in head_groups(pattern, key.shape[2]):
+        group_key, group_value = key[:, :, heads], value[:, :, heads]
+        if not group.evicts:
+            caches.append(
+                PatternKVCache(SequenceBuffer.of(group_key, capacity), SequenceBuffer.of(group_value, capacity))
+            )
+            continue
+        positions = group.kept_positions(length).to(key.device)
+        kept_keys, kept_values = SequenceBuffer.of(group_key[:, positions]), SequenceBuffer.of(group_value[:, positions])
+        caches.append(PatternKVCache(kept_keys, kept_values, positions))
+    return caches
 
 
 def pattern_attention_step(
@@ -155,31 +198,27 @@ def _step_group(
     pattern: LayerPattern,
     position: int,
 ) -> tuple[torch.Tensor, PatternKVCache]:
-    new_position = torch.tensor([position], device=key.device)
-    if cache.keys is None:
-        keys, values, positions = key.unsqueeze(1), value.unsqueeze(1), new_position
-    else:
-        keys = torch.cat([cache.keys, key.unsqueeze(1)], dim=1)
-        values = torch.cat([cache.values, value.unsqueeze(1)], dim=1)
-        positions = torch.cat([cache.positions, new_position])
+    keys, values, positions = cache.keys.append(key), cache.values.append(value), cache.positions
+    if pattern.evicts:
+        positions = torch.cat([positions.to(key.device), torch.full((1,), position, device=key.device)])
     mask = None
     if pattern.topk_blocks is not None:
-        mask = _topk_step_mask(query, keys, positions, pattern, position)
+        mask = _topk_step_mask(query, keys.data, pattern, position)
     out = F.scaled_dot_product_attention(
-        query.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask
+        query.unsqueeze(2), keys.data.transpose(1, 2), values.data.transpose(1, 2), attn_mask=mask
     )[:, :, 0]
     # Keep only what a later query can still see; everything kept now is seen by this query.
     if pattern.evicts:
         keep = pattern.still_needed(positions, position + 1)
-        keys, values, positions = keys[:, keep], values[:, keep], positions[keep]
+        keys, values = SequenceBuffer.of(keys.data[:, keep]), SequenceBuffer.of(values.data[:, keep])
+        positions = positions[keep]
     return out, PatternKVCache(keys, values, positions)
 
 
-def _topk_step_mask(
-    query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, pattern: LayerPattern, position: int
-) -> torch.Tensor:
+def _topk_step_mask(query: torch.Tensor, keys: torch.Tensor, pattern: LayerPattern, position: int) -> torch.Tensor:
     """``(B, H, 1, S)`` mask of one query under top-k block (the cache holds every position)."""
     size = pattern.block_size
+    positions = torch.arange(keys.shape[1], device=keys.device)
     own = position // size
     seen = positions // size == own
     batch, _, heads, _ = keys.shape

@@ -9,8 +9,9 @@ import torch
 from rat_lightning.ops.backend import resolve_backend
 from rat_lightning.ops.chunk_attention.reference import chunk_attention_reference
 from rat_lightning.ops.chunk_attention.reference import chunk_attention_step as chunk_attention_step_reference
+from rat_lightning.ops.chunk_attention.reference import rotate_summary
 
-__all__ = ["chunk_attention", "chunk_attention_step", "chunk_attention_step_reference"]
+__all__ = ["chunk_attention", "chunk_attention_step", "chunk_attention_step_reference", "rotate_summary"]
 
 # The Triton module is imported on first use: its kernels are built (or set up for the
 # interpreter, TRITON_INTERPRET=1) when it is imported, and CPU-only installs never need it.
@@ -77,7 +78,8 @@ def chunk_attention_step(
     Args:
         q: ``(B, H, P)`` query of the current token, in chunk c = C.
         k_own, v_own: ``(B, H, P)`` running states of the current chunk.
-        k_chunks, v_chunks: ``(B, C, H, P)`` summaries of the C finished chunks (not rotated); C may be 0.
+        k_chunks, v_chunks: ``(B, C, H, P)`` summaries of the C finished chunks, keys RoPE'd at
+            their chunk index (:func:`rotate_summary`); C may be 0.
         rope_base: RoPE base.
         scale: default ``P ** -0.5``.
         backend: ``"auto"`` (the Triton decode kernel on CUDA for fp16 / bf16 / fp32 inputs when no

@@ -1,8 +1,9 @@
 """Triton decode kernel for one step of RAT's inter-chunk attention (flash-decoding style).
 
 Maths (see :func:`.reference.chunk_attention_step`): the query q of the current token, in chunk
-c = C, attends in one softmax to the C finished chunk summaries K_j, V_j (j < C; RoPE at j on K_j,
-at C on q) and to its own running state (score q . k_own unrotated, value v_own). Forward only.
+c = C, attends in one softmax to the C finished chunk summaries K_j, V_j (j < C; K_j stored with
+RoPE at j already applied, as the caches hold them) and to its own running state (score q . k_own
+unrotated, value v_own). Forward only.
 
 Kernel ``chunk_attention_decode_kernel``, grid (B * H, splits): one program owns one (b, h) and
 a contiguous range of tiles of BLOCK_N summaries. Single query, so no tl.dot: scores are
@@ -12,15 +13,15 @@ term, so with one split the running max is finite from the start. With one split
 writes o = acc / l; with several (long C at small B * H, see :func:`num_splits`) each writes
 its partial (m, l, acc) and ``chunk_attention_decode_merge_kernel`` (grid B * H) combines them.
 
-RoPE without per-key transcendentals: <R(C) q, R(j) K_j> = <R(C - j0) q, R(n) K_j> for j = j0 + n
-(rotations in a plane commute), so each tile rotates q once by the angle of C - j0 (P/2 cosines
-and sines per tile), and the keys by R(n), n < BLOCK_N, from a (BLOCK_N, P/2) cos/sin table each
-program builds once. Keys are loaded as their two halves of P/2 (rotate-half pairs i, i + P/2) in
-their own dtype through their strides (no copies) and rotated in fp32. Angles are computed in
-turns (position * inv_freq / 2 pi, from a per-(P, base) fp64 table), reduced to [-1/2, 1/2] in
-fp64, then cos / sin run in fp32 on an argument in [-pi, pi]: the rotation matches the reference's
-fp64 angles to ~1e-7 at any C (fp32 angles j * inv_freq lose ~5e-4 rad at C = 8192; set
-``angle_fp64=False`` to get that behaviour, kept for the error comparison in the tests).
+RoPE costs P/2 cosines and sines per program: keys arrive rotated (rotating them at cache-write
+time is one rotation per summary for its whole life, instead of one per summary per decoding
+step), so only q is rotated, once, by R(C). The per-key work is then a load, a product and the
+softmax update: an earlier version that rotated unrotated keys in-kernel (a (BLOCK_N, P/2) cos /
+sin table per program plus four products per key pair) reached only 45-52% of the HBM bound with
+bf16 caches on an H100. The angle C * inv_freq is computed in turns (from a per-(P, base) fp64
+table), reduced to [-1/2, 1/2] in fp64, then cos / sin run in fp32 on an argument in [-pi, pi]:
+the rotation matches the reference's fp64 angles to ~1e-7 at any C (fp32 angles lose ~5e-4 rad
+at C = 8192; ``angle_fp64=False`` gives that behaviour, kept for the error comparison in tests).
 """
 
 from __future__ import annotations
@@ -57,9 +58,8 @@ class DecodeConfig(NamedTuple):
     num_stages: int
 
 
-# Per summary dtype. Untuned first guesses (no GPU when written): a (32, 128) tile of keys and one
-# of values per loop iteration, plus the (32, 64) cos / sin table, keep ~100 fp32 registers per
-# thread at 4 warps. ``python -m rat_lightning.bench.decode --sweep`` times the alternatives.
+# Per summary dtype: a (32, 128) tile of keys and one of values per loop iteration at 4 warps.
+# ``python -m rat_lightning.bench.decode --sweep`` times the alternatives.
 CONFIGS = {
     "decode": DecodeConfig(32, 4, 2),
     "decode_fp32": DecodeConfig(32, 4, 2),
@@ -86,7 +86,8 @@ def _cos_sin(b_turns):
     return tl.cos(b_angle), tl.sin(b_angle)
 
 
-@triton.jit
+# C and the split sizes vary from step to step: no value specialisation (one compile for every C).
+@triton.jit(do_not_specialize=["C", "tiles_per_split", "n_splits"])
 def chunk_attention_decode_kernel(
     q,
     k_own,
@@ -128,8 +129,8 @@ def chunk_attention_decode_kernel(
 ):
     """One (split, b, h): online softmax over its summary tiles (plus the own term on split 0).
 
-    q, k_own, v_own: (B, H, P) any strides; k_chunks, v_chunks: (B, C, H, P) any strides, not
-    rotated; turns: (P/2,) fp64 inv_freq / (2 pi); o: (B, H, P) fp32 contiguous (SPLIT=False);
+    q, k_own, v_own: (B, H, P) any strides; k_chunks, v_chunks: (B, C, H, P) any strides, keys
+    rotated at their chunk index; turns: (P/2,) fp64 inv_freq / (2 pi); o: (B, H, P) fp32 contiguous (SPLIT=False);
     m_part, l_part (B * H, n_splits) and acc_part (B * H, n_splits, P) fp32 (SPLIT=True).
     """
     i_bh, i_s = tl.program_id(0), tl.program_id(1)
@@ -157,9 +158,11 @@ def chunk_attention_decode_kernel(
     b_acc1 = tl.where(own, b_vo1, 0.0)
     b_acc2 = tl.where(own, b_vo2, 0.0)
 
-    # Per-program table of R(n), n < BLOCK_N: (BLOCK_N, BLOCK_PH) fp32.
+    # q rotated by R(C), rotate-half: (q1 cos - q2 sin, q2 cos + q1 sin); the scale folded in.
     b_turns = tl.load(turns + o_ph, mask=m_ph, other=0.0).to(ANGLE_DTYPE)
-    b_cn, b_sn = _cos_sin(o_n[:, None].to(ANGLE_DTYPE) * b_turns[None, :])
+    b_cq, b_sq = _cos_sin(C.to(ANGLE_DTYPE) * b_turns)
+    b_qr1 = (b_q1 * b_cq - b_q2 * b_sq) * qk_scale
+    b_qr2 = (b_q2 * b_cq + b_q1 * b_sq) * qk_scale
 
     k_bh = k_chunks + i_b.to(tl.int64) * stride_kb + i_h * stride_kh
     v_bh = v_chunks + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
@@ -169,21 +172,13 @@ def chunk_attention_decode_kernel(
     tile_lo = i_s * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, n_tiles)
     for i_t in range(tile_lo, tile_hi):
-        j0 = i_t * BLOCK_N
-        # q rotated by the angle of C - j0 (>= 1): one cos / sin of P/2 per tile.
-        b_cq, b_sq = _cos_sin((C - j0).to(ANGLE_DTYPE) * b_turns)
-        b_qr1 = b_q1 * b_cq - b_q2 * b_sq
-        b_qr2 = b_q2 * b_cq + b_q1 * b_sq
-        o_j = j0 + o_n
+        o_j = i_t * BLOCK_N + o_n
         m_j = o_j < C
         m_jp = m_j[:, None] & m_ph[None, :]
         p_k = k_bh + o_j.to(tl.int64)[:, None] * stride_kc + o_kp
         b_k1 = tl.load(p_k, mask=m_jp, other=0.0).to(tl.float32)
         b_k2 = tl.load(p_k + P // 2 * stride_kp, mask=m_jp, other=0.0).to(tl.float32)
-        # R(n) K_j, rotate-half: (k1 cos - k2 sin, k2 cos + k1 sin).
-        b_kr1 = b_k1 * b_cn - b_k2 * b_sn
-        b_kr2 = b_k2 * b_cn + b_k1 * b_sn
-        b_s = tl.sum(b_kr1 * b_qr1[None, :] + b_kr2 * b_qr2[None, :], 1) * qk_scale
+        b_s = tl.sum(b_k1 * b_qr1[None, :] + b_k2 * b_qr2[None, :], 1)
         b_s = tl.where(m_j, b_s, float("-inf"))
         # Every tile of a split has a key j < C, so b_m_new is finite.
         b_m_new = tl.maximum(b_m, tl.max(b_s, 0))
@@ -323,7 +318,7 @@ def chunk_attention_decode(
     """Launch the decode kernel (and the merge kernel where C is split); no autograd.
 
     Args:
-        q, k_own, v_own: ``(B, H, P)``; k_chunks, v_chunks: ``(B, C, H, P)`` (not rotated); each
+        q, k_own, v_own: ``(B, H, P)``; k_chunks, v_chunks: ``(B, C, H, P)`` (keys RoPE'd at their chunk index); each
             fp16, bf16 or fp32 (dtypes may differ), any strides (read in place), P even.
         rope_base, scale: as in the reference.
         config: tile and launch options; default ``CONFIGS["decode"]`` (``"decode_fp32"`` for
@@ -415,7 +410,7 @@ def chunk_attention_decode_triton(
     """Forward-only Triton decode step (torch custom op ``rat_lightning::chunk_attention_decode``).
 
     Args:
-        q, k_own, v_own: ``(B, H, P)``; k_chunks, v_chunks: ``(B, C, H, P)`` summaries (not rotated);
+        q, k_own, v_own: ``(B, H, P)``; k_chunks, v_chunks: ``(B, C, H, P)`` summaries, keys RoPE'd at their chunk index;
             fp16 / bf16 / fp32, any strides, P even.
         rope_base: RoPE base; positions are chunk indices.
         scale: default ``P ** -0.5``.

@@ -66,7 +66,9 @@ def chunk_attention_step(
     Args:
         q: ``(B, H, P)`` query of the current token, in chunk c.
         k_own, v_own: ``(B, H, P)`` running states of the current chunk.
-        k_chunks, v_chunks: ``(B, C, H, P)`` summaries of the c finished chunks (not rotated).
+        k_chunks, v_chunks: ``(B, C, H, P)`` summaries of the c finished chunks, keys with RoPE at
+            their chunk index applied (a decoding cache rotates each summary once, when its chunk
+            ends: :func:`rotate_summary`).
         rope_base: RoPE base.
         scale: default ``P ** -0.5``.
 
@@ -76,9 +78,25 @@ def chunk_attention_step(
     batch, chunks, heads, dim = k_chunks.shape
     scale = dim**-0.5 if scale is None else scale
     q_rot = apply_rope(q.unsqueeze(1), torch.full((1,), chunks, device=q.device), rope_base)[:, 0]
-    k_rot = apply_rope(k_chunks, torch.arange(chunks, device=q.device), rope_base)
-    inter = torch.einsum("bhp,bchp->bhc", q_rot, k_rot) * scale
+    inter = torch.einsum("bhp,bchp->bhc", q_rot, k_chunks.to(q_rot.dtype)) * scale
     own = (q.to(q_rot.dtype) * k_own.to(q_rot.dtype)).sum(-1, keepdim=True) * scale
     probs = torch.softmax(torch.cat([inter, own], dim=-1), dim=-1)
     out = torch.einsum("bhc,bchp->bhp", probs[..., :-1], v_chunks.to(q_rot.dtype))
     return out + probs[..., -1:] * v_own.to(q_rot.dtype)
+
+
+def rotate_summary(k: torch.Tensor, chunk: int, rope_base: float = 10000.0) -> torch.Tensor:
+    """RoPE at chunk index ``chunk`` on a finished chunk's key summary, as the caches store it.
+
+    Args:
+        k: ``(B, H, P)`` or ``(B, C, H, P)`` (then chunks ``chunk .. chunk + C - 1``).
+        chunk: index of the (first) chunk.
+        rope_base: RoPE base.
+
+    Returns:
+        The rotated keys, fp32 (fp64 for fp64 input), same shape.
+    """
+    keys = k if k.dim() == 4 else k.unsqueeze(1)
+    positions = torch.arange(chunk, chunk + keys.shape[1], device=k.device)
+    rotated = apply_rope(keys, positions, rope_base)
+    return rotated if k.dim() == 4 else rotated[:, 0]
