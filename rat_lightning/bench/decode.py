@@ -22,7 +22,7 @@ Times are medians of ``triton.testing.do_bench``. Run on a GPU:
     python -m rat_lightning.bench.decode --out docs/benchmarks/decode_h100.json
 
 ``--sweep`` also times the decode kernel's launch configurations at every (T, dtype) for the
-full batch and batch 1 and records them (for ``decode.CONFIGS``); it adds a few minutes, so run it
+full batch and records them (for ``decode.CONFIGS``); it adds a few minutes, so run it
 on its own if needed (``--sweep --contexts 65536 --out ...``). ``--smoke`` runs every code path at toy sizes; without CUDA
 it sets TRITON_INTERPRET=1 (before triton is imported) and runs the kernel under the interpreter.
 """
@@ -108,6 +108,8 @@ def bench_rat(
     Returns:
         ``(rows, sweep_rows)``; each row has ``check`` (errors against the fp32 reference).
     """
+    from triton.runtime.errors import OutOfResources
+
     from rat_lightning.ops.chunk_attention import decode
 
     chunks = context // chunk_size
@@ -157,7 +159,7 @@ def bench_rat(
                                  bandwidth, check=None, **common))  # fmt: skip
         sweep_rows = []
         if sweep:
-            for n in (batch, 1):
+            for n in (batch,):
                 args = inputs(n)
                 scale = head_dim**-0.5
                 for block_n, warps, stages in itertools.product(*SWEEP.values()):
@@ -167,8 +169,8 @@ def bench_rat(
                         return decode.chunk_attention_decode(*args, 10000.0, scale, config=config)
 
                     try:
-                        ms = _time(run, device, warmup=5, rep=50)
-                    except Exception as error:  # noqa: BLE001 - an out-of-resources config is a result
+                        ms = median_ms(run, device, warmup=5, rep=50)
+                    except OutOfResources as error:  # a config that does not fit is a result, not a failure
                         sweep_rows.append({"context": context, "dtype": str(dtype).removeprefix("torch."), "batch": n,
                                            "config": config._asdict(), "error": str(error)[:200]})  # fmt: skip
                         continue
@@ -227,6 +229,7 @@ def bench_decode(
     copy_bytes: int = 4 * 2**30,
     device: torch.device | str = "cuda",
     sweep: bool = False,
+    dtypes: Sequence[torch.dtype] = (torch.bfloat16, torch.float32),
 ) -> dict:
     """Bandwidth, then RAT (bf16 and fp32 caches) and attention rows per context.
 
@@ -237,7 +240,7 @@ def bench_decode(
     bandwidth = copy_bandwidth(device, copy_bytes)
     rows, sweep_rows = [], []
     for context in contexts:
-        for dtype in (torch.bfloat16, torch.float32):
+        for dtype in dtypes:
             new_rows, new_sweep = bench_rat(
                 context, dtype, heads, head_dim, chunk_size, budget, max_batch, bandwidth, device, sweep
             )
@@ -285,6 +288,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--contexts", type=int, nargs="+", default=None, help=f"contexts T (default {CONTEXTS})")
     parser.add_argument("--cache-gb", type=float, default=64.0, help="cache budget per batch choice (GB, 1e9)")
     parser.add_argument("--max-batch", type=int, default=4096, help="batch cap")
+    parser.add_argument(
+        "--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float16", "float32"],
+        help="cache dtypes of the RAT rows",
+    )
     return parser.parse_args(argv)
 
 
@@ -308,7 +315,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit("the benchmark needs a CUDA GPU; use --smoke for a CPU run at toy sizes")
     else:
         sizes = {"contexts": args.contexts or CONTEXTS, "budget": args.cache_gb * 1e9, "max_batch": args.max_batch}
-    result = bench_decode(**sizes, device="cuda" if cuda else "cpu", sweep=args.sweep)
+    dtypes = [getattr(torch, name) for name in args.dtypes]
+    result = bench_decode(**sizes, device="cuda" if cuda else "cpu", sweep=args.sweep, dtypes=dtypes)
     print(format_table(result))
     if args.out:
         import triton

@@ -27,6 +27,7 @@ Protocol (the paper's: a 3,072-token prompt, 1,024 generated tokens, the largest
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import time
@@ -68,6 +69,11 @@ def measure(
     batch: int | None = None,
 ) -> dict:
     """One model's prefill and decoding throughput at the largest batch (or ``batch``)."""
+    if device.type == "cuda":
+        # The previous model's caches may still sit in the allocator's pool: free memory is
+        # measured below, and a pool squeezed against the caches would stall every step.
+        gc.collect()
+        torch.cuda.empty_cache()
     torch.manual_seed(0)
     config = ModelConfig(**model_shape, mixer=mixer, max_seq_len=prompt_len + new_tokens)
     model = RATLanguageModel(config).to(device=device, dtype=torch.bfloat16).eval()
