@@ -123,7 +123,7 @@ def chunk_attention_decode_kernel(
     H: tl.constexpr,
     P: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_PH: tl.constexpr,
+    BLOCK_P: tl.constexpr,
     SPLIT: tl.constexpr,
     ANGLE_DTYPE: tl.constexpr,
 ):
@@ -136,73 +136,61 @@ def chunk_attention_decode_kernel(
     i_bh, i_s = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_n = tl.arange(0, BLOCK_N)
-    o_ph = tl.arange(0, BLOCK_PH)
-    m_ph = _col_mask(o_ph, P // 2, BLOCK_PH)
+    o_p = tl.arange(0, BLOCK_P)
+    m_p = _col_mask(o_p, P, BLOCK_P)
+    # Rotate-half partner of channel p (p + P/2 or p - P/2) and its sign in the rotation.
+    o_partner = tl.where(o_p < P // 2, o_p + P // 2, o_p - P // 2)
+    sign = tl.where(o_p < P // 2, -1.0, 1.0)
 
-    # Query and own state, as halves of P/2.
-    p_q = q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh + o_ph * stride_qp
-    b_q1 = tl.load(p_q, mask=m_ph, other=0.0).to(tl.float32)
-    b_q2 = tl.load(p_q + P // 2 * stride_qp, mask=m_ph, other=0.0).to(tl.float32)
-    p_ko = k_own + i_b.to(tl.int64) * stride_kob + i_h * stride_koh + o_ph * stride_kop
-    b_ko1 = tl.load(p_ko, mask=m_ph, other=0.0).to(tl.float32)
-    b_ko2 = tl.load(p_ko + P // 2 * stride_kop, mask=m_ph, other=0.0).to(tl.float32)
-    p_vo = v_own + i_b.to(tl.int64) * stride_vob + i_h * stride_voh + o_ph * stride_vop
-    b_vo1 = tl.load(p_vo, mask=m_ph, other=0.0).to(tl.float32)
-    b_vo2 = tl.load(p_vo + P // 2 * stride_vop, mask=m_ph, other=0.0).to(tl.float32)
+    # Query (and its partner channels) and own state, full rows of P.
+    p_q = q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh
+    b_q = tl.load(p_q + o_p * stride_qp, mask=m_p, other=0.0).to(tl.float32)
+    b_q_partner = tl.load(p_q + o_partner * stride_qp, mask=m_p, other=0.0).to(tl.float32)
+    p_ko = k_own + i_b.to(tl.int64) * stride_kob + i_h * stride_koh + o_p * stride_kop
+    b_ko = tl.load(p_ko, mask=m_p, other=0.0).to(tl.float32)
+    p_vo = v_own + i_b.to(tl.int64) * stride_vob + i_h * stride_voh + o_p * stride_vop
+    b_vo = tl.load(p_vo, mask=m_p, other=0.0).to(tl.float32)
 
     # Own term (q and k_own both at chunk C: the rotations cancel), on split 0 only.
     own = i_s == 0
-    b_s_own = (tl.sum(b_q1 * b_ko1, 0) + tl.sum(b_q2 * b_ko2, 0)) * qk_scale
-    b_m = tl.where(own, b_s_own, float("-inf"))
+    b_m = tl.where(own, tl.sum(b_q * b_ko, 0) * qk_scale, float("-inf"))
     b_l = tl.where(own, 1.0, 0.0)
-    b_acc1 = tl.where(own, b_vo1, 0.0)
-    b_acc2 = tl.where(own, b_vo2, 0.0)
+    b_acc = tl.where(own, b_vo, 0.0)
 
-    # q rotated by R(C), rotate-half: (q1 cos - q2 sin, q2 cos + q1 sin); the scale folded in.
-    b_turns = tl.load(turns + o_ph, mask=m_ph, other=0.0).to(ANGLE_DTYPE)
+    # q rotated by R(C): q_p cos + sign_p q_partner(p) sin, angle of pair p mod P/2; scale folded in.
+    b_turns = tl.load(turns + o_p % (P // 2), mask=m_p, other=0.0).to(ANGLE_DTYPE)
     b_cq, b_sq = _cos_sin(C.to(ANGLE_DTYPE) * b_turns)
-    b_qr1 = (b_q1 * b_cq - b_q2 * b_sq) * qk_scale
-    b_qr2 = (b_q2 * b_cq + b_q1 * b_sq) * qk_scale
+    b_qr = (b_q * b_cq + sign * b_q_partner * b_sq) * qk_scale
 
     k_bh = k_chunks + i_b.to(tl.int64) * stride_kb + i_h * stride_kh
     v_bh = v_chunks + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
-    o_kp = (o_ph * stride_kp)[None, :]
-    o_vp = (o_ph * stride_vp)[None, :]
+    o_kp = (o_p * stride_kp)[None, :]
+    o_vp = (o_p * stride_vp)[None, :]
     n_tiles = tl.cdiv(C, BLOCK_N)
     tile_lo = i_s * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, n_tiles)
     for i_t in range(tile_lo, tile_hi):
         o_j = i_t * BLOCK_N + o_n
         m_j = o_j < C
-        m_jp = m_j[:, None] & m_ph[None, :]
-        p_k = k_bh + o_j.to(tl.int64)[:, None] * stride_kc + o_kp
-        b_k1 = tl.load(p_k, mask=m_jp, other=0.0).to(tl.float32)
-        b_k2 = tl.load(p_k + P // 2 * stride_kp, mask=m_jp, other=0.0).to(tl.float32)
-        b_s = tl.sum(b_k1 * b_qr1[None, :] + b_k2 * b_qr2[None, :], 1)
-        b_s = tl.where(m_j, b_s, float("-inf"))
+        m_jp = m_j[:, None] & m_p[None, :]
+        b_k = tl.load(k_bh + o_j.to(tl.int64)[:, None] * stride_kc + o_kp, mask=m_jp, other=0.0).to(tl.float32)
+        b_s = tl.where(m_j, tl.sum(b_k * b_qr[None, :], 1), float("-inf"))
         # Every tile of a split has a key j < C, so b_m_new is finite.
         b_m_new = tl.maximum(b_m, tl.max(b_s, 0))
         b_alpha = tl.exp2(b_m - b_m_new)
         b_p = tl.exp2(b_s - b_m_new)
         b_l = b_l * b_alpha + tl.sum(b_p, 0)
-        p_v = v_bh + o_j.to(tl.int64)[:, None] * stride_vc + o_vp
-        b_v1 = tl.load(p_v, mask=m_jp, other=0.0).to(tl.float32)
-        b_v2 = tl.load(p_v + P // 2 * stride_vp, mask=m_jp, other=0.0).to(tl.float32)
-        b_acc1 = b_acc1 * b_alpha + tl.sum(b_p[:, None] * b_v1, 0)
-        b_acc2 = b_acc2 * b_alpha + tl.sum(b_p[:, None] * b_v2, 0)
+        b_v = tl.load(v_bh + o_j.to(tl.int64)[:, None] * stride_vc + o_vp, mask=m_jp, other=0.0).to(tl.float32)
+        b_acc = b_acc * b_alpha + tl.sum(b_p[:, None] * b_v, 0)
         b_m = b_m_new
 
     if SPLIT:
         o_part = i_bh.to(tl.int64) * n_splits + i_s
         tl.store(m_part + o_part, b_m)
         tl.store(l_part + o_part, b_l)
-        p_acc = acc_part + o_part * P + o_ph
-        tl.store(p_acc, b_acc1, mask=m_ph)
-        tl.store(p_acc + P // 2, b_acc2, mask=m_ph)
+        tl.store(acc_part + o_part * P + o_p, b_acc, mask=m_p)
     else:
-        p_o = o + i_bh.to(tl.int64) * P + o_ph
-        tl.store(p_o, b_acc1 / b_l, mask=m_ph)
-        tl.store(p_o + P // 2, b_acc2 / b_l, mask=m_ph)
+        tl.store(o + i_bh.to(tl.int64) * P + o_p, b_acc / b_l, mask=m_p)
 
 
 @triton.jit
@@ -356,7 +344,7 @@ def chunk_attention_decode(
         q, k_own, v_own, k_chunks, v_chunks, _turns_table(head_dim, rope_base, q.device), o, m_part, l_part,
         acc_part, chunks, tiles_per_split, splits, scale * _LOG2E,
         *q.stride(), *k_own.stride(), *v_own.stride(), *k_chunks.stride(), *v_chunks.stride(),
-        H=heads, P=head_dim, BLOCK_N=config.block_n, BLOCK_PH=triton.next_power_of_2(head_dim // 2),
+        H=heads, P=head_dim, BLOCK_N=config.block_n, BLOCK_P=triton.next_power_of_2(head_dim),
         SPLIT=splits > 1, ANGLE_DTYPE=tl.float64 if angle_fp64 else tl.float32, num_warps=config.num_warps,
         num_stages=config.num_stages,
     )  # fmt: skip
