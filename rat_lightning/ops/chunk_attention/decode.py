@@ -58,10 +58,12 @@ class DecodeConfig(NamedTuple):
     num_stages: int
 
 
-# Per summary dtype: a (32, 128) tile of keys and one of values per loop iteration at 4 warps.
-# ``python -m rat_lightning.bench.decode --sweep`` times the alternatives.
+# Per summary dtype, from ``python -m rat_lightning.bench.decode --sweep`` on an H100 (bf16 cache,
+# 24 configs, docs/benchmarks/decode_sweep_h100.json): tiles of 32 summaries at 2 warps reach 94%
+# of the HBM bound at 4K (B = 4096) and 93% at 64K (B = 476); 4 warps, the first guess, 77-78%.
+# The fp32 cache is at the bound with (32, 4, 2) already (docs/benchmarks/decode_h100.json).
 CONFIGS = {
-    "decode": DecodeConfig(32, 4, 2),
+    "decode": DecodeConfig(32, 2, 1),
     "decode_fp32": DecodeConfig(32, 4, 2),
 }
 # Programs per SM that num_splits aims at (several resident programs per SM hide load latency),
