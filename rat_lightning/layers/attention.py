@@ -13,6 +13,7 @@ from rat_lightning.layers.base import Mixer, split_heads
 from rat_lightning.ops.rope import apply_rope
 from rat_lightning.sparse.attend import (
     PatternCache,
+    decode_attention,
     init_pattern_cache,
     pattern_attention,
     pattern_attention_step,
@@ -115,8 +116,8 @@ class Attention(Mixer):
         keys, values = (key, value) if cache.keys is None else (
             torch.cat([cache.keys, key], dim=1), torch.cat([cache.values, value], dim=1))  # fmt: skip
         keys, values = keys[:, -self.window :], values[:, -self.window :]
-        out = F.scaled_dot_product_attention(query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2))
-        return self.w_out(out.transpose(1, 2).flatten(1)), KVCache(keys, values, cache.position + 1)
+        out = decode_attention(query[:, 0], keys, values)
+        return self.w_out(out.flatten(1)), KVCache(keys, values, cache.position + 1)
 
     def prefill(
         self, x: torch.Tensor, cache: KVCache | PatternCache
