@@ -62,24 +62,41 @@ def _check(
     return max(errors)
 
 
-def _fla_hgrn_rows(x: torch.Tensor, g: torch.Tensor) -> list[dict]:
-    """flash-linear-attention's chunked HGRN on x alone (one state per channel), if installed."""
+def _fla_hgrn_rows(x: torch.Tensor, g: torch.Tensor, k: torch.Tensor, chunk_size: int) -> list[dict]:
+    """flash-linear-attention's HGRN kernels (if installed) on the same work: x and k (repeated to
+    the heads) as 2d channels sharing the gate, over the full sequence, and restarted every L
+    tokens (each chunk as its own sequence of the batch, which is exact). Inputs are prepared
+    outside the timed region ((1 - a) v and log a in fp32, as HGRN takes them): only the scan is
+    timed, so the comparison favours HGRN."""
     try:
-        from fla.ops.hgrn import chunk_hgrn
+        from fla.ops.hgrn import chunk_hgrn, fused_recurrent_hgrn
     except ImportError:
         return []
-    batch, length = x.shape[:2]
-    xf = (torch.sigmoid(-g.float()) * x.float()).to(x.dtype).flatten(2).requires_grad_()
-    gf = torch.nn.functional.logsigmoid(g.float()).flatten(2).requires_grad_()
-    fwd_ms = _time(lambda: chunk_hgrn(xf, gf))
-    upstream = torch.randn_like(xf)
+    batch, length, heads = x.shape[:3]
+    keys = k.repeat_interleave(heads // k.shape[2], dim=2)
+    values = torch.cat([x, keys], dim=2).flatten(2).float()
+    gate = torch.cat([g, g], dim=2).flatten(2).float()
+    v_in = (torch.sigmoid(-gate) * values).to(x.dtype)
+    log_a = torch.nn.functional.logsigmoid(gate)
+    rows = []
+    restart = (-1, chunk_size, v_in.shape[-1])
+    for form, shape in (("full_sequence", (batch, length, -1)), (f"restart_L{chunk_size}", restart)):
+        vf = v_in.reshape(shape).detach().requires_grad_()
+        gf = log_a.reshape(shape).detach().requires_grad_()
+        upstream = torch.randn_like(vf)
+        for name, kernel in (("fla_chunk_hgrn", chunk_hgrn), ("fla_fused_recurrent_hgrn", fused_recurrent_hgrn)):
 
-    def fwd_bwd() -> None:
-        out, _ = chunk_hgrn(xf, gf)
-        out.backward(upstream)
+            def forward(kernel=kernel) -> None:
+                with torch.no_grad():
+                    kernel(vf, gf)
 
-    return [{"impl": "fla_chunk_hgrn_x_only", "T": length, "batch": batch, "fwd_ms": fwd_ms,
-             "fwd_bwd_ms": _time(fwd_bwd, grad_to_none=[xf, gf])}]  # fmt: skip
+            def forward_backward(kernel=kernel) -> None:
+                out, _ = kernel(vf, gf)
+                out.backward(upstream)
+
+            rows.append({"impl": name, "form": form, "T": length, "batch": batch, "fwd_ms": _time(forward),
+                         "fwd_bwd_ms": _time(forward_backward, grad_to_none=[vf, gf])})  # fmt: skip
+    return rows
 
 
 def bench_recurrence(
@@ -90,8 +107,10 @@ def bench_recurrence(
     seq_lens: tuple[int, ...] = (4096, 16384, 65536, 131072),
     dtype: torch.dtype = torch.bfloat16,
     chunk_size: int = 16,
+    fla_seq_lens: tuple[int, ...] = (4096,),
 ) -> list[dict]:
-    """Check and time the Triton recurrence per sequence length, restart and full-sequence forms.
+    """Check and time the Triton recurrence per sequence length, restart and full-sequence forms,
+    and flash-linear-attention's HGRN at ``fla_seq_lens`` when it is installed.
 
     Args:
         tokens: batch * T per step.
@@ -144,7 +163,8 @@ def bench_recurrence(
             })  # fmt: skip
             del upstream
             torch.cuda.empty_cache()
-        rows.extend(_fla_hgrn_rows(x.detach(), g.detach()))
+        if length in fla_seq_lens:
+            rows.extend(_fla_hgrn_rows(x.detach(), g.detach(), k.detach(), chunk_size))
         del x, g, k, bias
         torch.cuda.empty_cache()
     return rows
