@@ -142,8 +142,11 @@ def bench_rat(
         check_ref = _errors(kernel(ref_batch)(), expected)
         check_one = _errors(kernel(1)(), expected[:1])
         del expected
-        block_n = decode.CONFIGS["decode_fp32" if dtype == torch.float32 else "decode"].block_n
-        splits = {n: decode.num_splits(n * heads, chunks, block_n, decode._sm_count(device)) for n in (batch, ref_batch, 1)}
+        config = decode.CONFIGS["decode_fp32" if dtype == torch.float32 else "decode"]
+        sms = decode._sm_count(device)
+        splits = {
+            n: decode.num_splits(n * heads, chunks, config.block_n, sms, config.num_warps) for n in (batch, ref_batch, 1)
+        }
         common = {"chunks": chunks, "heads": heads, "head_dim": head_dim}
         rows = [
             _row("rat_kernel", context, dtype, batch, _time(kernel(batch), device), bytes_per_token, bandwidth,

@@ -87,7 +87,10 @@ def test_num_splits():
     from rat_lightning.ops.chunk_attention.decode import num_splits
 
     assert num_splits(16, 0, 32) == 1
-    assert num_splits(16, 4096, 32) == 32  # 4 * 132 programs: cdiv(528, 16) = 33 -> 128 tiles / 4 per split
+    # 4 warps: 8 programs per SM, cdiv(1056, 16) = 66 wanted, 128 tiles at >= 2 per split -> 64.
+    assert num_splits(16, 4096, 32) == 64
+    # 2 warps: 16 programs per SM, 2112 wanted over 39 * 16 = 624 (b, h) -> 4 splits of 32 tiles.
+    assert num_splits(39 * 16, 65536 // 16, 32, num_warps=2) == 4
     assert num_splits(16 * 1024, 4096, 32) == 1  # B * H alone fills the GPU
     assert num_splits(2, 100, 8) == 5  # 13 tiles, at least 2 per split: 6 wanted, 3 tiles each -> 5 splits
     for batch_heads in (1, 7, 100, 10_000):

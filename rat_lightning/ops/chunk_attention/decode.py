@@ -66,9 +66,10 @@ CONFIGS = {
     "decode": DecodeConfig(32, 2, 1),
     "decode_fp32": DecodeConfig(32, 4, 2),
 }
-# Programs per SM that num_splits aims at (several resident programs per SM hide load latency),
-# and the fewest tiles a split gets (a split costs a q rotation table, a partial write and a merge).
-_PROGRAMS_PER_SM = 4
+# Warps per SM that num_splits aims at (many resident warps hide load latency: at 64K, B = 39 the
+# 2-warp config with 4 programs per SM read at 45% of the bound on an H100), and the fewest tiles a
+# split gets (a split costs a q rotation, a partial write and a merge).
+_WARPS_PER_SM = 32
 _MIN_TILES_PER_SPLIT = 2
 
 
@@ -248,21 +249,22 @@ def _sm_count(device: torch.device) -> int:
     return _DEFAULT_SMS
 
 
-def num_splits(batch_heads: int, chunks: int, block_n: int, sm_count: int = _DEFAULT_SMS) -> int:
-    """Splits over C per (b, h): enough programs for ``_PROGRAMS_PER_SM`` per SM, no empty split.
+def num_splits(batch_heads: int, chunks: int, block_n: int, sm_count: int = _DEFAULT_SMS, num_warps: int = 4) -> int:
+    """Splits over C per (b, h): enough programs for ``_WARPS_PER_SM`` warps per SM, no empty split.
 
     Args:
         batch_heads: B * H programs without a split.
         chunks: C finished chunks.
         block_n: summaries per tile.
         sm_count: SMs of the GPU (132 on an H100 SXM).
+        num_warps: warps per program.
 
     Returns:
         s >= 1 such that each split has the same number of tiles (the last one fewer) and at
         least ``_MIN_TILES_PER_SPLIT`` where s > 1.
     """
     tiles = triton.cdiv(chunks, block_n)
-    wanted = triton.cdiv(_PROGRAMS_PER_SM * sm_count, max(batch_heads, 1))
+    wanted = triton.cdiv(_WARPS_PER_SM // num_warps * sm_count, max(batch_heads, 1))
     splits = max(1, min(wanted, tiles // _MIN_TILES_PER_SPLIT))
     # Even out the tiles per split, then drop the splits that the rounding left empty.
     return triton.cdiv(tiles, triton.cdiv(tiles, splits)) if tiles else 1
@@ -328,7 +330,7 @@ def chunk_attention_decode(
     config = config or CONFIGS["decode_fp32" if k_chunks.dtype == torch.float32 else "decode"]
     tiles = triton.cdiv(chunks, config.block_n)
     if splits is None:
-        splits = num_splits(batch * heads, chunks, config.block_n, _sm_count(q.device))
+        splits = num_splits(batch * heads, chunks, config.block_n, _sm_count(q.device), config.num_warps)
     splits = max(1, min(int(splits), tiles))
     tiles_per_split = triton.cdiv(tiles, splits) if tiles else 0
     splits = triton.cdiv(tiles, tiles_per_split) if tiles else 1
