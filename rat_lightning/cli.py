@@ -1,4 +1,5 @@
-"""Command line: ``rat-lightning fit|validate|test|predict`` (LightningCLI) and ``prepare``.
+"""Command line: ``rat-lightning fit|validate|test|predict`` (LightningCLI), ``prepare`` and
+``bench NAME [args]`` (a GPU benchmark of :mod:`rat_lightning.bench`, e.g. ``bench layer``).
 
 Configs compose: ``rat-lightning fit --config configs/model/tiny.yaml --config configs/data/corpus.yaml``;
 later files and flags override earlier ones; ``--print_config`` shows every knob.
@@ -7,6 +8,8 @@ later files and flags override earlier ones; ``--print_config`` shows every knob
 from __future__ import annotations
 
 import logging
+import pkgutil
+import runpy
 import sys
 from pathlib import Path
 
@@ -73,6 +76,34 @@ def _run_prepare(args: list[str]) -> None:
     log.info("wrote %s", manifest)
 
 
+# Modules of rat_lightning.bench that are helpers, not benchmarks.
+_BENCH_HELPERS = {"plot", "timing"}
+
+
+def bench_names() -> list[str]:
+    """The benchmarks ``rat-lightning bench`` runs: the modules of :mod:`rat_lightning.bench`."""
+    import rat_lightning.bench
+
+    return sorted(m.name for m in pkgutil.iter_modules(rat_lightning.bench.__path__) if m.name not in _BENCH_HELPERS)
+
+
+def _run_bench(args: list[str]) -> None:
+    """``rat-lightning bench NAME [args]``: ``python -m rat_lightning.bench.NAME [args]``."""
+    names = bench_names()
+    if not args or args[0] in ("-h", "--help"):
+        print(f"usage: rat-lightning bench NAME [args]; NAME is one of: {', '.join(names)}")
+        print("each takes its own arguments (rat-lightning bench NAME --help where it has any)")
+        return
+    if args[0] not in names:
+        raise ConfigError(f"unknown benchmark {args[0]!r}; choose one of: {', '.join(names)}")
+    argv = sys.argv
+    sys.argv = [f"rat-lightning bench {args[0]}", *args[1:]]
+    try:
+        runpy.run_module(f"rat_lightning.bench.{args[0]}", run_name="__main__", alter_sys=True)
+    finally:
+        sys.argv = argv
+
+
 def check_config_files(argv: list[str]) -> None:
     """Read every ``--config``/``-c`` file before LightningCLI does, so that a missing file or a
     YAML syntax error is reported as ``file:line:column`` (jsonargparse may only say
@@ -105,7 +136,7 @@ def main(args: list[str] | None = None) -> RATLightningCLI | None:
         args: command-line arguments (default ``sys.argv[1:]``); tests call this in-process.
 
     Returns:
-        The CLI object (for fit/validate/test/predict), or None for ``prepare``.
+        The CLI object (for fit/validate/test/predict), or None for ``prepare`` and ``bench``.
     """
     from rat_lightning.data import DataError, PretrainDataModule
     from rat_lightning.training import LanguageModelModule
@@ -115,6 +146,9 @@ def main(args: list[str] | None = None) -> RATLightningCLI | None:
     try:
         if argv[:1] == ["prepare"]:
             _run_prepare(argv[1:])
+            return None
+        if argv[:1] == ["bench"]:
+            _run_bench(argv[1:])
             return None
         check_config_files(argv)
         return RATLightningCLI(
