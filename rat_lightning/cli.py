@@ -77,7 +77,7 @@ def _run_prepare(args: list[str]) -> None:
 
 
 # Modules of rat_lightning.bench that are helpers, not benchmarks.
-_BENCH_HELPERS = {"plot", "timing"}
+_BENCH_HELPERS = {"plot", "report", "timing"}
 
 
 def bench_names() -> list[str]:

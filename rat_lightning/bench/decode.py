@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from rat_lightning.bench.report import write_report
 from rat_lightning.bench.timing import median_ms
 from rat_lightning.ops.chunk_attention import (
     chunk_attention_step,
@@ -145,7 +145,8 @@ def bench_rat(
         config = decode.CONFIGS["decode_fp32" if dtype == torch.float32 else "decode"]
         sms = decode._sm_count(device)
         splits = {
-            n: decode.num_splits(n * heads, chunks, config.block_n, sms, config.num_warps) for n in (batch, ref_batch, 1)
+            n: decode.num_splits(n * heads, chunks, config.block_n, sms, config.num_warps)
+            for n in (batch, ref_batch, 1)
         }
         common = {"chunks": chunks, "heads": heads, "head_dim": head_dim}
         rows = [
@@ -322,21 +323,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result = bench_decode(**sizes, device="cuda" if cuda else "cpu", sweep=args.sweep, dtypes=dtypes)
     print(format_table(result))
     if args.out:
-        import triton
-
         from rat_lightning.ops.chunk_attention import decode
 
-        environment = {
-            "device": torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)",
-            "torch": torch.__version__,
-            "triton": triton.__version__,
+        write_report(args.out, {
             "layer": {"d_model": 2048, "heads": 16, "head_dim": 128, "chunk_size": 16} if not args.smoke else "smoke",
             "sizes": {key: list(value) if key == "contexts" else value for key, value in sizes.items()},
             "configs": {name: config._asdict() for name, config in decode.CONFIGS.items()},
-        }
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as handle:
-            json.dump({**environment, **result}, handle, indent=2)
+            **result,
+        })  # fmt: skip
     return result
 
 

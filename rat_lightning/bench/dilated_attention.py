@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -33,6 +32,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from rat_lightning.bench.report import write_report
 from rat_lightning.bench.timing import median_ms
 from rat_lightning.ops.dilated_attention import (
     dilated_attention,
@@ -262,21 +262,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     rows = bench_dilated_attention(**sizes, device="cuda" if cuda else "cpu")
     print(format_table(rows))
     if args.out:
-        import triton
-
         from rat_lightning.ops.dilated_attention import triton as dilated_triton
 
-        environment = {
-            "device": torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)",
-            "torch": torch.__version__,
-            "triton": triton.__version__,
+        write_report(args.out, {
             "dtype": "bfloat16",
             "sizes": {key: list(value) if key == "seq_lens" else value for key, value in sizes.items()},
             "configs": {name: config._asdict() for name, config in dilated_triton.CONFIGS.items()},
-        }
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as handle:
-            json.dump({**environment, "rows": rows}, handle, indent=2)
+            "rows": rows,
+        })  # fmt: skip
     return rows
 
 

@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import time
 from collections.abc import Sequence
 
 import torch
 
 from rat_lightning.bench.decode import copy_bandwidth
+from rat_lightning.bench.report import write_report
 from rat_lightning.layers.cache import repeat_cache
 from rat_lightning.model import ModelConfig, RATLanguageModel
 
@@ -191,15 +190,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     ]  # fmt: skip
     print(format_table(rows))
     if args.out:
-        import triton
-
-        environment = {
-            "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-            "triton": triton.__version__, "model": shape, "copy_bandwidth_bytes_per_s": bandwidth,
-        }  # fmt: skip
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as handle:
-            json.dump({**environment, "rows": rows}, handle, indent=2)
+        write_report(args.out, {"model": shape, "copy_bandwidth_bytes_per_s": bandwidth, "rows": rows})
     return rows
 
 
