@@ -3,10 +3,11 @@
 Configuration: d_model 2048, 16 heads of 128, L = 16, contexts T in {4096, 65536}. For each T:
 
 - RAT: ``chunk_attention_step`` (the Triton decode kernel, through the dispatcher) over C = T / L
-  chunk summaries (k and v, (B, C, H, P)), with bf16 and with fp32 caches (RATCache keeps fp32
-  today), at the largest batch whose summaries fit in ``--cache-gb`` (64 GB) capped at
-  ``--max-batch`` (4096); the reference step (plain PyTorch) at a smaller batch; and both at batch
-  1 (latency; the kernel splits C over the SMs there, flash-decoding style).
+  chunk summaries (k and v, (B, C, H, P), keys pre-rotated), with bf16 caches (what a bf16
+  model's RATCache holds) and fp32 caches (an fp32 model's), at the largest batch whose
+  summaries fit in ``--cache-gb`` (64 GB) capped at ``--max-batch`` (4096); the reference step
+  (plain PyTorch) at a smaller batch; and both at batch 1 (latency; the kernel splits C over the
+  SMs there, flash-decoding style).
 - attention: ``F.scaled_dot_product_attention`` with one query (B, H, 1, P) over a bf16 KV cache
   (B, H, T, P), at its largest batch in the same budget and at batch 1; flash and
   memory-efficient backends both timed, the faster one reported.

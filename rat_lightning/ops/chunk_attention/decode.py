@@ -310,8 +310,9 @@ def chunk_attention_decode(
     """Launch the decode kernel (and the merge kernel where C is split); no autograd.
 
     Args:
-        q, k_own, v_own: ``(B, H, P)``; k_chunks, v_chunks: ``(B, C, H, P)`` (keys RoPE'd at their chunk index); each
-            fp16, bf16 or fp32 (dtypes may differ), any strides (read in place), P even.
+        q, k_own, v_own: ``(B, H, P)``; k_chunks, v_chunks: ``(B, C, H, P)`` (keys RoPE'd at their
+            chunk index); each fp16, bf16 or fp32 (dtypes may differ), any strides (read in place),
+            P even.
         rope_base, scale: as in the reference.
         config: tile and launch options; default ``CONFIGS["decode"]`` (``"decode_fp32"`` for
             fp32 summaries).
