@@ -130,5 +130,4 @@ class Attention(Mixer):
         length = x.shape[1]
         if isinstance(cache, KVCache):
             return out, KVCache(key[:, -self.window :], value[:, -self.window :], length)
-        capacity = max(kv.keys.reserve for kv in cache.kv)
-        return out, PatternCache(prefill_pattern_cache(key, value, self.pattern, capacity), None, length)
+        return out, PatternCache(prefill_pattern_cache(key, value, self.pattern, cache.kv), None, length)

@@ -106,5 +106,4 @@ class RATPlus(Mixer):
         if cache.position:
             return super().prefill(x, cache)
         out, key, value, state = self._mix(x)
-        capacity = max(kv.keys.reserve for kv in cache.kv)
-        return out, PatternCache(prefill_pattern_cache(key, value, self.pattern, capacity), state, x.shape[1])
+        return out, PatternCache(prefill_pattern_cache(key, value, self.pattern, cache.kv), state, x.shape[1])

@@ -403,8 +403,8 @@ def chunk_attention_decode_triton(
     """Forward-only Triton decode step (torch custom op ``rat_lightning::chunk_attention_decode``).
 
     Args:
-        q, k_own, v_own: ``(B, H, P)``; k_chunks, v_chunks: ``(B, C, H, P)`` summaries, keys RoPE'd at their chunk index;
-            fp16 / bf16 / fp32, any strides, P even.
+        q, k_own, v_own: ``(B, H, P)``; k_chunks, v_chunks: ``(B, C, H, P)`` summaries, keys RoPE'd
+            at their chunk index; fp16 / bf16 / fp32, any strides, P even.
         rope_base: RoPE base; positions are chunk indices.
         scale: default ``P ** -0.5``.
 
