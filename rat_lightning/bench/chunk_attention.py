@@ -20,13 +20,13 @@ regrouping copies are outside the timed region.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from rat_lightning.bench.report import write_report
 from rat_lightning.ops.chunk_attention import chunk_attention
 from rat_lightning.ops.chunk_attention.reference import chunk_attention_reference
 
@@ -195,6 +195,4 @@ if __name__ == "__main__":
     results = bench_chunk_attention()
     print(_table(results))
     if len(sys.argv) > 1:
-        with open(sys.argv[1], "w") as handle:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": results}, handle,
-                      indent=2)  # fmt: skip
+        write_report(sys.argv[1], {"rows": results})

@@ -16,12 +16,12 @@ bandwidth use.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 
 import torch
 
+from rat_lightning.bench.report import write_report
 from rat_lightning.ops import gated_recurrence
 
 # Tokens of the correctness check (a slice of the timed inputs, fp32 reference).
@@ -186,5 +186,4 @@ if __name__ == "__main__":
     results = bench_recurrence()
     print(_table(results))
     if len(sys.argv) > 1:
-        with open(sys.argv[1], "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "rows": results}, f, indent=2)
+        write_report(sys.argv[1], {"rows": results})
