@@ -96,14 +96,14 @@ def measure(
         times.append(time.perf_counter() - start)
     prefill_s = sorted(times)[1]
     # Check: one decoding step after the prefill against the parallel forward over prompt + token.
-    token = logits.argmax(-1)
-    step_logits = model.step(token, caches)[0].float()
-    forward_logits = model(torch.cat([prompt, token[:, None]], dim=1))[:, -1].float()
+    first = logits.argmax(-1)
+    step_logits = model.step(first, caches)[0].float()
+    forward_logits = model(torch.cat([prompt, first[:, None]], dim=1))[:, -1].float()
     check = ((step_logits - forward_logits).norm() / forward_logits.norm()).item()
     del step_logits, forward_logits
     # Warm-up steps on the micro-batch caches: they write past the caches' lengths only, so the
     # prefilled caches stay as they were.
-    warm, token = caches, logits.argmax(-1)
+    warm, token = caches, first
     for _ in range(warmup):
         warm_logits, warm = model.step(token, warm)
         token = warm_logits.argmax(-1)
@@ -111,7 +111,7 @@ def measure(
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the prefill's activations: give their blocks back to the caches
     caches = repeat_cache(caches, batch // micro)
-    token = logits.argmax(-1).repeat_interleave(batch // micro)
+    token = first.repeat_interleave(batch // micro)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
