@@ -46,9 +46,24 @@ def test_step_equals_parallel():
         assert_close(out, full[:, t], 1e-12, f"t={t}")
 
 
+def test_query_groups_and_gate():
+    """G query groups equal their heads' repeated queries; the gate multiplies by its sigmoid."""
+    q = torch.randn(2, 11, 2, 8, dtype=torch.float64)
+    k, v, gate = (torch.randn(2, 11, 6, 8, dtype=torch.float64) for _ in range(3))
+    plain = chunk_attention(q.repeat_interleave(3, dim=2), k, v, 4)
+    assert_close(chunk_attention(q, k, v, 4), plain, 1e-15)
+    assert_close(chunk_attention(q, k, v, 4, gate=gate), torch.sigmoid(gate) * plain, 1e-15)
+    leaves = [t[:1, :9, :, :4].clone().requires_grad_() for t in (q, k, v, gate)]
+    assert torch.autograd.gradcheck(lambda a, b, c, d: chunk_attention(a, b, c, 3, gate=d), leaves)
+
+
 def test_bad_shapes_are_named():
     q = torch.zeros(1, 4, 2, 8)
-    with pytest.raises(ValueError, match="q, k, v must all be"):
+    with pytest.raises(ValueError, match="q must be .* heads % groups"):
         chunk_attention(q, q[:, :3], q, 2)
+    with pytest.raises(ValueError, match="heads % groups == 0"):
+        chunk_attention(torch.zeros(1, 4, 3, 8), q, q, 2)
+    with pytest.raises(ValueError, match="gate must have the shape of k"):
+        chunk_attention(q, q, q, 2, gate=q[..., :4])
     with pytest.raises(ValueError, match="chunk_size must be"):
         chunk_attention(q, q, q, 0)

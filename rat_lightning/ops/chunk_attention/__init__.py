@@ -27,39 +27,53 @@ def chunk_attention(
     *,
     rope_base: float = 10000.0,
     scale: float | None = None,
+    gate: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Softmax over previous chunk summaries plus the own running state, chunk-index RoPE.
+    """Softmax over previous chunk summaries plus the own running state, chunk-index RoPE,
+    optionally times an output gate ``sigmoid(gate)``.
 
     Args:
-        q: ``(B, T, H, P)`` queries; k, v: ``(B, T, H, P)`` recurrent states.
+        q: ``(B, T, G, P)`` queries in G groups, each shared by H / G consecutive heads (G = H: one
+            query per head); k, v: ``(B, T, H, P)`` recurrent states.
         chunk_size: L (positive int).
         rope_base: RoPE base.
         scale: default ``P ** -0.5``.
+        gate: ``(B, T, H, P)`` output-gate logits, or None.
         backend: ``"auto"`` (Triton on CUDA for fp16/bf16/fp32, else reference),
-            ``"reference"`` or ``"triton"`` (also CPU tensors under TRITON_INTERPRET=1).
+            ``"reference"`` or ``"triton"`` (also CPU tensors under TRITON_INTERPRET=1). The Triton
+            kernels read q and gate in place when their last two dims are contiguous.
 
     Returns:
         ``(B, T, H, P)`` in q's dtype.
     """
-    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+    if (
+        q.dim() != 4
+        or k.dim() != 4
+        or v.shape != k.shape
+        or q.shape[:2] != k.shape[:2]
+        or q.shape[3] != k.shape[3]
+        or k.shape[2] % q.shape[2]
+    ):
         raise ValueError(
-            f"q, k, v must all be (batch, seq, heads, head_dim); got {tuple(q.shape)}, {tuple(k.shape)}, "
-            f"{tuple(v.shape)}"
+            "q must be (batch, seq, groups, head_dim) and k, v (batch, seq, heads, head_dim) with heads % groups "
+            f"== 0; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
+    if gate is not None and gate.shape != k.shape:
+        raise ValueError(f"gate must have the shape of k {tuple(k.shape)}, got {tuple(gate.shape)}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    dtypes = (q.dtype, k.dtype, v.dtype)
+    dtypes = tuple(t.dtype for t in (q, k, v, gate) if t is not None)
     supported = all(dtype in _TRITON_DTYPES for dtype in dtypes)
     if backend == "triton" and not supported:
-        raise ValueError(f"the Triton kernel takes fp16, bf16 or fp32 q, k, v, got {dtypes}; use backend='reference'")
+        raise ValueError(f"the Triton kernel takes fp16, bf16 or fp32 inputs, got {dtypes}; use backend='reference'")
     if resolve_backend(backend, q, available=_AVAILABLE if supported else ()) == "triton":
         if q.shape[-1] % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {q.shape[-1]}; pick d_model / n_heads even")
         from rat_lightning.ops.chunk_attention.triton import chunk_attention_triton
 
-        return chunk_attention_triton(q, k, v, chunk_size, rope_base, scale)
-    return chunk_attention_reference(q, k, v, chunk_size, rope_base, scale)
+        return chunk_attention_triton(q, k, v, chunk_size, rope_base, scale, gate)
+    return chunk_attention_reference(q, k, v, chunk_size, rope_base, scale, gate)
 
 
 def chunk_attention_step(
@@ -110,7 +124,9 @@ def chunk_attention_step(
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
     if backend == "triton":
         if not supported:
-            raise ValueError(f"the Triton kernel takes fp16, bf16 or fp32 inputs, got {dtypes}; use backend='reference'")
+            raise ValueError(
+                f"the Triton kernel takes fp16, bf16 or fp32 inputs, got {dtypes}; use backend='reference'"
+            )
         if needs_grad:
             raise ValueError(
                 "backend='triton' is forward-only for the decode step but an input requires grad; use "

@@ -20,21 +20,24 @@ def chunk_attention_reference(
     chunk_size: int,
     rope_base: float = 10000.0,
     scale: float | None = None,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Inter-chunk softmax attention over chunk summaries plus the own state.
+    """Inter-chunk softmax attention over chunk summaries plus the own state, optionally gated.
 
     Args:
-        q: ``(B, T, H, P)`` queries (not rotated).
+        q: ``(B, T, G, P)`` queries (not rotated) in G groups, each shared by H / G consecutive heads.
         k: ``(B, T, H, P)`` key states from the intra-chunk recurrence (not rotated).
         v: ``(B, T, H, P)`` value states.
         chunk_size: L.
         rope_base: RoPE base; positions are chunk indices.
         scale: softmax scale, default ``P ** -0.5``.
+        gate: ``(B, T, H, P)`` output-gate logits: the result is ``sigmoid(gate) * attention``; or None.
 
     Returns:
         ``(B, T, H, P)`` in q's dtype.
     """
-    batch, length, heads, dim = q.shape
+    batch, length, heads, dim = k.shape
+    q = q.repeat_interleave(heads // q.shape[2], dim=2)
     scale = dim**-0.5 if scale is None else scale
     chunk_of = torch.arange(length, device=q.device) // chunk_size
     full_chunks = length // chunk_size
@@ -49,6 +52,8 @@ def chunk_attention_reference(
     probs = torch.softmax(torch.cat([inter, own], dim=-1), dim=-1)
     out = torch.einsum("bhtc,bchp->bthp", probs[..., :-1], v_sum)
     out = out + probs[..., -1].transpose(1, 2).unsqueeze(-1) * v.to(q_rot.dtype)
+    if gate is not None:
+        out = torch.sigmoid(gate.to(out.dtype)) * out
     return out.to(q.dtype)
 
 

@@ -4,20 +4,27 @@ Maths (see :mod:`.reference`): query t in chunk c = t // L attends in one softma
 summaries K_j = k[jL + L - 1], V_j = v[jL + L - 1] of the finished chunks j < c (RoPE at
 position j on K_j, position c on q) and to its own state (score q_t . k_t unrotated, value v_t).
 
-Kernels (grid axis 1 is always batch * heads; tiles in :data:`CONFIGS`):
+Queries come in G groups shared by H / G heads each (head h reads group h // (H / G)), read in
+place, never repeated. An optional output gate is fused: y = sigmoid(z) * o. The backward needs
+only y, never o: dO = dy * sigmoid(z), delta = rowsum(dO * o) = rowsum(dy * y) and
+dz = dy * y * sigmoid(-z). q, z and their gradients take free batch / time strides, so the
+slices of a fused projection (and of its one gradient buffer) are read and written in place.
 
-- ``chunk_attention_fwd_kernel``: one program per block_m queries. It rotates its queries once,
-  starts the online softmax (fp32, base 2) from the own-state term, so the running max is finite
-  from the start, then loops over tiles of block_n summaries: tiles below the tile's first chunk
-  need no mask, the last one or two get the mask j < c(t). Writes o and the log2-domain
-  log-sum-exp per (b, h, t).
-- ``chunk_attention_bwd_kernel_dq``: per block_m queries: delta = rowsum(dO * O), the rotated
-  queries (both stored for the next kernel), dq (summaries + own state), and the own-state
-  gradients dk_t, dv_t of every row.
-- ``chunk_attention_bwd_kernel_dkv``: per block_n summaries: loops over the query tiles that see
-  them, accumulates dK_j, dV_j on top of the own-state gradients of rows jL + L - 1 and
-  overwrites those rows of dk, dv. It runs after the dq kernel on the same stream, so neither
-  atomics nor a scatter are needed.
+Kernels (tiles in :data:`CONFIGS`):
+
+- ``chunk_attention_fwd_kernel``: grid (query tiles, B * H). One program per block_m queries of a
+  head. It rotates its queries once, starts the online softmax (fp32, base 2) from the own-state
+  term, so the running max is finite from the start, then loops over tiles of block_n summaries:
+  tiles below the tile's first chunk need no mask, the last one or two get the mask j < c(t).
+  Writes y (gated o) and the log2-domain log-sum-exp per (b, h, t).
+- ``chunk_attention_bwd_kernel_dq``: grid (query tiles, B * G). Per block_m queries of a group:
+  the rotated queries (stored once for the next kernel), then for each of the group's heads
+  dO (stored when gated), delta, dz, the own-state gradients dk_t, dv_t of every row and the
+  head's share of dq, accumulated over the heads in registers; dq is written once.
+- ``chunk_attention_bwd_kernel_dkv``: grid (summary tiles, B * H). Per block_n summaries: loops
+  over the query tiles that see them, accumulates dK_j, dV_j on top of the own-state gradients
+  of rows jL + L - 1 and overwrites those rows of dk, dv. It runs after the dq kernel on the same
+  stream, so neither atomics nor a scatter are needed.
 
 RoPE (rotate-half: pairs i and i + P/2): every row is loaded as its two halves of P/2, so the
 rotation needs no register permute and a score is the sum of two dots over P/2. Queries are
@@ -32,6 +39,7 @@ index 8K). The backward rotates gradients back with the transpose rotation.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -39,6 +47,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
+from rat_lightning.ops.layout import check_output, rows_contiguous
 from rat_lightning.ops.rope import apply_rope, rope_angles
 
 __all__ = ["CONFIGS", "KernelConfig", "chunk_attention_bwd", "chunk_attention_fwd", "chunk_attention_triton"]
@@ -60,23 +69,33 @@ class KernelConfig(NamedTuple):
     num_stages: int
 
 
-# Per kernel and dot dtype. The 16-bit ones keep the inner loops free of register spills on
-# sm_90 at P = 128 (ptxas report of an offline build for Triton 3.9): P / dS, the A operand of
-# the second dot, puts the warps along its rows, so the dq kernel wants block_m >= 16 * num_warps
-# and the dkv kernel block_n >= 16 * num_warps. fp32 is the accuracy path: its IEEE dots run on
-# FMA units and spill at any tile size, least with small tiles. To be tuned on the GPU.
+# Per kernel, dot dtype and sequence regime. The 16-bit ones keep the inner loops free of register
+# spills on sm_90 at P = 128 (ptxas report of an offline build for Triton 3.9): P / dS, the A
+# operand of the second dot, puts the warps along its rows, so the dq kernel wants
+# block_m >= 16 * num_warps and the dkv kernel block_n >= 16 * num_warps. Tiles from the H100 sweep
+# of ``bench/tune_chunk_attention.py`` (docs/benchmarks/chunk_attention_tiles_h100.json): small
+# tiles win while a query sees few summaries (T = 4K, 16K), large ones from about 2K chunks on
+# ("_long"). fp32 is the accuracy path: its IEEE dots run on FMA units and spill at any tile
+# size, least with small tiles.
 CONFIGS = {
-    "fwd": KernelConfig(128, 64, 8, 2),
+    "fwd": KernelConfig(64, 32, 4, 2),
+    "fwd_long": KernelConfig(128, 128, 8, 3),
     "dq": KernelConfig(64, 32, 4, 3),
-    "dkv": KernelConfig(32, 64, 4, 3),
+    "dq_long": KernelConfig(128, 64, 8, 3),
+    "dkv": KernelConfig(64, 128, 8, 3),
+    "dkv_long": KernelConfig(64, 128, 8, 3),
     "fwd_fp32": KernelConfig(64, 32, 4, 1),
     "dq_fp32": KernelConfig(32, 32, 4, 1),
     "dkv_fp32": KernelConfig(32, 64, 8, 1),
 }
+# Chunk count (T / L) from which the "_long" tiles are used.
+LONG_CHUNKS = 2048
 
 
-def _config(kernel: str, dtype: torch.dtype) -> KernelConfig:
-    return CONFIGS[f"{kernel}_fp32" if dtype == torch.float32 else kernel]
+def _config(kernel: str, dtype: torch.dtype, chunks: int) -> KernelConfig:
+    if dtype == torch.float32:
+        return CONFIGS[f"{kernel}_fp32"]
+    return CONFIGS[f"{kernel}_long" if chunks >= LONG_CHUNKS else kernel]
 
 
 @triton.jit
@@ -224,33 +243,48 @@ def _fwd_inner(
 
 
 @triton.jit
+def _sigmoid(b_x):
+    """fp32 sigmoid; sigmoid(-x) gives 1 - sigmoid(x) without the cancellation near 1."""
+    return 1.0 / (1.0 + tl.exp(-b_x))
+
+
+@triton.jit
 def chunk_attention_fwd_kernel(
     q,
     k,
     v,
     kr,
-    o,
+    z,
+    y,
     lse,
     p_cos,
     p_sin,
     T,
     C,
     L,
+    stride_qb,
+    stride_qt,
+    stride_zb,
+    stride_zt,
     qk_scale,
     H: tl.constexpr,
+    HPG: tl.constexpr,
     P: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_PH: tl.constexpr,
+    GATED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     EMULATE: tl.constexpr,
 ):
-    """Forward: o (B, T, H, P) in q's dtype and lse (B, H, T) fp32 (log2 domain, scaled scores).
+    """Forward: y = o (times sigmoid(z) if GATED), (B, T, H, P) in q's dtype, and lse (B, H, T) fp32
+    (log2 domain, scaled scores).
 
-    Grid: (cdiv(T, BLOCK_M), B * H). q, k, v contiguous (B, T, H, P); kr the (B, C, H, P) rotated
-    summaries; p_cos, p_sin the (positions, P/2) fp32 RoPE tables; C = T // L finished chunks;
-    qk_scale = scale * log2(e).
+    Grid: (cdiv(T, BLOCK_M), B * H). k, v contiguous (B, T, H, P); q (B, T, G, P) with G = H / HPG
+    query groups (head h reads group h // HPG) and z (B, T, H, P), each with its last two dims
+    contiguous and batch / time strides given; kr the (B, C, H, P) rotated summaries; p_cos, p_sin
+    the (positions, P/2) fp32 RoPE tables; C = T // L finished chunks; qk_scale = scale * log2(e).
     """
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -263,16 +297,17 @@ def chunk_attention_fwd_kernel(
     m_ph = _col_mask(o_ph, P // 2, BLOCK_PH)
     # int64: (b * T + t) * H * P passes 2^31 at a few billion elements.
     o_bt = i_b.to(tl.int64) * T
-    o_qrow = ((o_bt + o_t) * H + i_h) * P
+    o_row = ((o_bt + o_t) * H + i_h) * P
+    o_qrow = i_b.to(tl.int64) * stride_qb + o_t.to(tl.int64) * stride_qt + (i_h // HPG) * P
     m_tp = m_t[:, None] & m_p[None, :]
 
     b_q1, b_q2 = _load_halves(q, o_qrow, m_t, o_ph, m_ph, P // 2, False)
-    b_k1, b_k2 = _load_halves(k, o_qrow, m_t, o_ph, m_ph, P // 2, False)
+    b_k1, b_k2 = _load_halves(k, o_row, m_t, o_ph, m_ph, P // 2, False)
     b_q1, b_q2 = b_q1.to(tl.float32), b_q2.to(tl.float32)
     # Own state first: q_t . k_t unrotated (the equal rotations cancel), value v_t.
     b_m = (tl.sum(b_q1 * b_k1.to(tl.float32), 1) + tl.sum(b_q2 * b_k2.to(tl.float32), 1)) * qk_scale
     b_l = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
-    b_acc = tl.load(v + o_qrow[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
+    b_acc = tl.load(v + o_row[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
 
     o_c = o_t // L
     b_cos, b_sin = _load_rope(p_cos, p_sin, o_c, m_t, o_ph, m_ph, P // 2, "")
@@ -295,8 +330,12 @@ def chunk_attention_fwd_kernel(
         H, P, BLOCK_N, BLOCK_P, BLOCK_PH, True, DOT_PRECISION, EMULATE,
     )  # fmt: skip
 
-    b_o = b_acc / b_l[:, None]
-    tl.store(o + o_qrow[:, None] + o_p[None, :], _to_store(b_o, o.dtype.element_ty, EMULATE), mask=m_tp)
+    b_y = b_acc / b_l[:, None]
+    if GATED:
+        o_zrow = i_b.to(tl.int64) * stride_zb + o_t.to(tl.int64) * stride_zt + i_h * P
+        b_z = tl.load(z + o_zrow[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
+        b_y = b_y * _sigmoid(b_z)
+    tl.store(y + o_row[:, None] + o_p[None, :], _to_store(b_y, y.dtype.element_ty, EMULATE), mask=m_tp)
     tl.store(lse + i_bh.to(tl.int64) * T + o_t, b_m + tl.log2(b_l), mask=m_t)
 
 
@@ -360,38 +399,56 @@ def chunk_attention_bwd_kernel_dq(
     k,
     v,
     kr,
-    o,
-    do,
+    z,
+    y,
+    dy,
     lse,
     delta,
     qr,
+    do,
     dq,
     dk,
     dv,
+    dz,
     p_cos,
     p_sin,
     T,
     C,
     L,
+    stride_qb,
+    stride_qt,
+    stride_zb,
+    stride_zt,
+    stride_dqb,
+    stride_dqt,
+    stride_dzb,
+    stride_dzt,
     scale,
     qk_scale,
     H: tl.constexpr,
+    HPG: tl.constexpr,
     P: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_PH: tl.constexpr,
+    GATED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     EMULATE: tl.constexpr,
 ):
-    """Backward, query side: delta (B, H, T) fp32, the rotated queries qr, dq, own-state dk, dv.
+    """Backward, query side, for one query group: per head the gate's and the own state's
+    gradients, and dq summed over the group's heads.
 
-    Grid: (cdiv(T, BLOCK_M), B * H). Rows jL + L - 1 of dk, dv are overwritten afterwards by
-    ``chunk_attention_bwd_kernel_dkv`` with own-state plus summary gradients; qr (B, T, H, P) in
-    q's dtype holds the rotated queries that kernel streams.
+    Grid: (cdiv(T, BLOCK_M), B * G). Per head h of the group: dO = dy * sigmoid(z) (dy if not
+    GATED), stored in ``do`` when GATED; delta = rowsum(dO * O) = rowsum(dy * y) (B, H, T) fp32;
+    dz = dy * y * sigmoid(-z); the own-state gradients dk_t, dv_t of every row (rows jL + L - 1 are
+    overwritten afterwards by ``chunk_attention_bwd_kernel_dkv`` with own-state plus summary
+    gradients). Once per group: the rotated queries qr (B, T, G, P) in q's dtype for that kernel,
+    and dq. q, z, dq, dz take batch / time strides; the rest is contiguous.
     """
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
+    i_m, i_bg = tl.program_id(0), tl.program_id(1)
+    G = H // HPG
+    i_b, i_g = i_bg // G, i_bg % G
     DTYPE = q.dtype.element_ty
     o_t = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_t = o_t < T
@@ -400,58 +457,84 @@ def chunk_attention_bwd_kernel_dq(
     m_p = _col_mask(o_p, P, BLOCK_P)
     m_ph = _col_mask(o_ph, P // 2, BLOCK_PH)
     o_bt = i_b.to(tl.int64) * T
-    o_qrow = ((o_bt + o_t) * H + i_h) * P
+    o_qrow = i_b.to(tl.int64) * stride_qb + o_t.to(tl.int64) * stride_qt + i_g * P
     m_tp = m_t[:, None] & m_p[None, :]
     m_tph = m_t[:, None] & m_ph[None, :]
-    o_lse = i_bh.to(tl.int64) * T + o_t
+    o_c = o_t // L
 
     b_q1, b_q2 = _load_halves(q, o_qrow, m_t, o_ph, m_ph, P // 2, False)
-    b_k1, b_k2 = _load_halves(k, o_qrow, m_t, o_ph, m_ph, P // 2, False)
-    b_q1, b_q2 = b_q1.to(tl.float32), b_q2.to(tl.float32)
-    b_k1, b_k2 = b_k1.to(tl.float32), b_k2.to(tl.float32)
-    b_v = tl.load(v + o_qrow[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
-    b_do = tl.load(do + o_qrow[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
-    b_o = tl.load(o + o_qrow[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
-    b_lse = tl.load(lse + o_lse, mask=m_t, other=0.0)
-    b_delta = tl.sum(b_do * b_o, 1)
-    tl.store(delta + o_lse, b_delta, mask=m_t)
-
-    b_ds_own, b_p_own = _own_grads(b_q1, b_q2, b_k1, b_k2, b_v, b_do, b_lse, b_delta, qk_scale)
-    p_dk1 = dk + o_qrow[:, None] + o_ph[None, :]
-    tl.store(p_dk1, _to_store(b_ds_own[:, None] * b_q1 * scale, dk.dtype.element_ty, EMULATE), mask=m_tph)
-    tl.store(p_dk1 + P // 2, _to_store(b_ds_own[:, None] * b_q2 * scale, dk.dtype.element_ty, EMULATE), mask=m_tph)
-    p_dv = dv + o_qrow[:, None] + o_p[None, :]
-    tl.store(p_dv, _to_store(b_p_own[:, None] * b_do, dv.dtype.element_ty, EMULATE), mask=m_tp)
-
-    o_c = o_t // L
     b_cos, b_sin = _load_rope(p_cos, p_sin, o_c, m_t, o_ph, m_ph, P // 2, "")
-    b_qr1, b_qr2 = _rotate(b_q1, b_q2, b_cos, b_sin)
+    b_qr1, b_qr2 = _rotate(b_q1.to(tl.float32), b_q2.to(tl.float32), b_cos, b_sin)
     b_qr1 = _to_dot(b_qr1, DTYPE, EMULATE)
     b_qr2 = _to_dot(b_qr2, DTYPE, EMULATE)
-    p_qr1 = qr + o_qrow[:, None] + o_ph[None, :]
+    p_qr1 = qr + ((o_bt + o_t) * G + i_g)[:, None] * P + o_ph[None, :]
     tl.store(p_qr1, _to_store(b_qr1, qr.dtype.element_ty, EMULATE), mask=m_tph)
     tl.store(p_qr1 + P // 2, _to_store(b_qr2, qr.dtype.element_ty, EMULATE), mask=m_tph)
-    b_do_dot = _to_dot(b_do, DTYPE, EMULATE)
-    # The own term dS_own * k joins the accumulator in the rotated frame (rotated forward here,
-    # back with the rest after the loop), so k, cos and sin need not stay live across the loop.
-    b_dqr1, b_dqr2 = _rotate(b_ds_own[:, None] * b_k1, b_ds_own[:, None] * b_k2, b_cos, b_sin)
 
     c_first = (i_m * BLOCK_M) // L
     n_keys = tl.minimum((tl.minimum(i_m * BLOCK_M + BLOCK_M, T) - 1) // L, C)
     j_mid = (c_first // BLOCK_N) * BLOCK_N
-    kr_h = kr + i_b.to(tl.int64) * C * H * P + i_h * P
-    v_h = v + i_h * P
-    b_dqr1, b_dqr2 = _bwd_dq_inner(
-        b_dqr1, b_dqr2, b_qr1, b_qr2, b_do_dot, b_lse, b_delta, o_c, kr_h, v_h, o_bt, 0, j_mid, n_keys,
-        L, qk_scale, H, P, BLOCK_N, BLOCK_P, BLOCK_PH, False, DOT_PRECISION, EMULATE,
-    )  # fmt: skip
-    b_dqr1, b_dqr2 = _bwd_dq_inner(
-        b_dqr1, b_dqr2, b_qr1, b_qr2, b_do_dot, b_lse, b_delta, o_c, kr_h, v_h, o_bt, j_mid, n_keys, n_keys,
-        L, qk_scale, H, P, BLOCK_N, BLOCK_P, BLOCK_PH, True, DOT_PRECISION, EMULATE,
-    )  # fmt: skip
+    # dq of the group in the rotated frame, summed over its heads, rotated back once at the end.
+    b_dqr1 = tl.zeros([BLOCK_M, BLOCK_PH], dtype=tl.float32)
+    b_dqr2 = tl.zeros([BLOCK_M, BLOCK_PH], dtype=tl.float32)
+    for i_hh in range(HPG):
+        i_h = i_g * HPG + i_hh
+        o_row = ((o_bt + o_t) * H + i_h) * P
+        o_lse = (i_b * H + i_h).to(tl.int64) * T + o_t
+        # Masks that depend on the head keep these per-head loads inside the loop, so the raw
+        # rows and the RoPE tiles are not held live across the summary loops.
+        m_th = m_t & (i_hh < HPG)
+        b_dy = tl.load(dy + o_row[:, None] + o_p[None, :], mask=m_th[:, None] & m_p[None, :], other=0.0)
+        b_y = tl.load(y + o_row[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
+        b_dy = b_dy.to(tl.float32)
+        b_delta = tl.sum(b_dy * b_y, 1)
+        tl.store(delta + o_lse, b_delta, mask=m_t)
+        if GATED:
+            o_zrow = i_b.to(tl.int64) * stride_zb + o_t.to(tl.int64) * stride_zt + i_h * P
+            b_z = tl.load(z + o_zrow[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
+            o_dzrow = i_b.to(tl.int64) * stride_dzb + o_t.to(tl.int64) * stride_dzt + i_h * P
+            b_dz = b_dy * b_y * _sigmoid(-b_z)
+            tl.store(dz + o_dzrow[:, None] + o_p[None, :], _to_store(b_dz, dz.dtype.element_ty, EMULATE), mask=m_tp)
+            b_do = b_dy * _sigmoid(b_z)
+            tl.store(do + o_row[:, None] + o_p[None, :], _to_store(b_do, do.dtype.element_ty, EMULATE), mask=m_tp)
+        else:
+            b_do = b_dy
+        b_lse = tl.load(lse + o_lse, mask=m_t, other=0.0)
+
+        b_q1, b_q2 = _load_halves(q, o_qrow, m_th, o_ph, m_ph, P // 2, False)
+        b_k1, b_k2 = _load_halves(k, o_row, m_t, o_ph, m_ph, P // 2, False)
+        b_q1, b_q2 = b_q1.to(tl.float32), b_q2.to(tl.float32)
+        b_k1, b_k2 = b_k1.to(tl.float32), b_k2.to(tl.float32)
+        b_v = tl.load(v + o_row[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
+        b_ds_own, b_p_own = _own_grads(b_q1, b_q2, b_k1, b_k2, b_v, b_do, b_lse, b_delta, qk_scale)
+        p_dk1 = dk + o_row[:, None] + o_ph[None, :]
+        tl.store(p_dk1, _to_store(b_ds_own[:, None] * b_q1 * scale, dk.dtype.element_ty, EMULATE), mask=m_tph)
+        tl.store(
+            p_dk1 + P // 2, _to_store(b_ds_own[:, None] * b_q2 * scale, dk.dtype.element_ty, EMULATE), mask=m_tph
+        )
+        p_dv = dv + o_row[:, None] + o_p[None, :]
+        tl.store(p_dv, _to_store(b_p_own[:, None] * b_do, dv.dtype.element_ty, EMULATE), mask=m_tp)
+        # The own term dS_own * k joins the accumulator in the rotated frame.
+        b_cos, b_sin = _load_rope(p_cos, p_sin, o_c, m_th, o_ph, m_ph, P // 2, ".ca")
+        b_own1, b_own2 = _rotate(b_ds_own[:, None] * b_k1, b_ds_own[:, None] * b_k2, b_cos, b_sin)
+        b_dqr1 += b_own1
+        b_dqr2 += b_own2
+
+        b_do_dot = _to_dot(b_do, DTYPE, EMULATE)
+        kr_h = kr + i_b.to(tl.int64) * C * H * P + i_h * P
+        v_h = v + i_h * P
+        b_dqr1, b_dqr2 = _bwd_dq_inner(
+            b_dqr1, b_dqr2, b_qr1, b_qr2, b_do_dot, b_lse, b_delta, o_c, kr_h, v_h, o_bt, 0, j_mid, n_keys,
+            L, qk_scale, H, P, BLOCK_N, BLOCK_P, BLOCK_PH, False, DOT_PRECISION, EMULATE,
+        )  # fmt: skip
+        b_dqr1, b_dqr2 = _bwd_dq_inner(
+            b_dqr1, b_dqr2, b_qr1, b_qr2, b_do_dot, b_lse, b_delta, o_c, kr_h, v_h, o_bt, j_mid, n_keys, n_keys,
+            L, qk_scale, H, P, BLOCK_N, BLOCK_P, BLOCK_PH, True, DOT_PRECISION, EMULATE,
+        )  # fmt: skip
     b_cos, b_sin = _load_rope(p_cos, p_sin, o_c, m_t, o_ph, m_ph, P // 2, ".cg")
     b_dq1, b_dq2 = _rotate_back(b_dqr1, b_dqr2, b_cos, b_sin)
-    p_dq1 = dq + o_qrow[:, None] + o_ph[None, :]
+    o_dqrow = i_b.to(tl.int64) * stride_dqb + o_t.to(tl.int64) * stride_dqt + i_g * P
+    p_dq1 = dq + o_dqrow[:, None] + o_ph[None, :]
     tl.store(p_dq1, _to_store(b_dq1 * scale, dq.dtype.element_ty, EMULATE), mask=m_tph)
     tl.store(p_dq1 + P // 2, _to_store(b_dq2 * scale, dq.dtype.element_ty, EMULATE), mask=m_tph)
 
@@ -465,7 +548,7 @@ def _bwd_dkv_inner(
     b_kr2,
     b_v,
     o_j,
-    qr_h,
+    qr_g,
     do_h,
     lse,
     delta,
@@ -477,6 +560,7 @@ def _bwd_dkv_inner(
     L,
     qk_scale,
     H: tl.constexpr,
+    G: tl.constexpr,
     P: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -486,7 +570,7 @@ def _bwd_dkv_inner(
     EMULATE: tl.constexpr,
 ):
     """Accumulate dK_rot (unscaled) and dV of a summary tile over query tiles from t_lo to t_hi."""
-    DTYPE = qr_h.dtype.element_ty
+    DTYPE = qr_g.dtype.element_ty
     o_p = tl.arange(0, BLOCK_P)
     o_ph = tl.arange(0, BLOCK_PH)
     m_p = _col_mask(o_p, P, BLOCK_P)
@@ -494,12 +578,12 @@ def _bwd_dkv_inner(
     for t0 in range(t_lo, t_hi, BLOCK_M):
         o_t = t0 + tl.arange(0, BLOCK_M)
         m_t = o_t < T
-        o_qrow = (o_bt + o_t) * H * P
-        # Rotated queries transposed (BLOCK_PH, BLOCK_M): scores come out key-major (BLOCK_N, BLOCK_M).
-        b_qrt1, b_qrt2 = _load_halves(qr_h, o_qrow, m_t, o_ph, m_ph, P // 2, True)
+        # Rotated queries (B, T, G, P) transposed (BLOCK_PH, BLOCK_M): scores come out key-major.
+        b_qrt1, b_qrt2 = _load_halves(qr_g, (o_bt + o_t) * G * P, m_t, o_ph, m_ph, P // 2, True)
         b_qrt1 = _to_dot(b_qrt1, DTYPE, EMULATE)
         b_qrt2 = _to_dot(b_qrt2, DTYPE, EMULATE)
-        b_do = tl.load(do_h + o_qrow[:, None] + o_p[None, :], mask=m_t[:, None] & m_p[None, :], other=0.0)
+        o_dorow = (o_bt + o_t) * H * P
+        b_do = tl.load(do_h + o_dorow[:, None] + o_p[None, :], mask=m_t[:, None] & m_p[None, :], other=0.0)
         b_do = _to_dot(b_do, DTYPE, EMULATE)
         # lse = +inf past T: p = 0 there, so rows past the end add nothing.
         b_lse = tl.load(lse + o_bht + o_t, mask=m_t, other=float("inf"))
@@ -535,9 +619,12 @@ def chunk_attention_bwd_kernel_dkv(
     T,
     C,
     L,
+    stride_qb,
+    stride_qt,
     scale,
     qk_scale,
     H: tl.constexpr,
+    HPG: tl.constexpr,
     P: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -548,10 +635,13 @@ def chunk_attention_bwd_kernel_dkv(
 ):
     """Backward, summary side: rows jL + L - 1 of dk, dv = own-state + summary gradients.
 
-    Grid: (cdiv(C, BLOCK_N), B * H); needs delta and qr from ``chunk_attention_bwd_kernel_dq``.
+    Grid: (cdiv(C, BLOCK_N), B * H); needs delta, qr and dO (``do``: dy when ungated) from
+    ``chunk_attention_bwd_kernel_dq``.
     """
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
+    G = H // HPG
+    i_g = i_h // HPG
     DTYPE = k.dtype.element_ty
     o_j = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_j = o_j < C
@@ -563,12 +653,13 @@ def chunk_attention_bwd_kernel_dkv(
     o_bht = i_bh.to(tl.int64) * T
     o_r = o_j * L + L - 1
     o_krow = ((o_bt + o_r) * H + i_h) * P
+    o_qrow = i_b.to(tl.int64) * stride_qb + o_r.to(tl.int64) * stride_qt + i_g * P
     m_jp = m_j[:, None] & m_p[None, :]
     m_jph = m_j[:, None] & m_ph[None, :]
 
     # Row jL + L - 1 is also its own query's own state: its term seeds the accumulators (dk in the
     # rotated frame, like the summary term), so the raw rows need not stay live across the loop.
-    b_q1, b_q2 = _load_halves(q, o_krow, m_j, o_ph, m_ph, P // 2, False)
+    b_q1, b_q2 = _load_halves(q, o_qrow, m_j, o_ph, m_ph, P // 2, False)
     b_k1, b_k2 = _load_halves(k, o_krow, m_j, o_ph, m_ph, P // 2, False)
     b_q1, b_q2 = b_q1.to(tl.float32), b_q2.to(tl.float32)
     b_v = tl.load(v + o_krow[:, None] + o_p[None, :], mask=m_jp, other=0.0)
@@ -591,14 +682,14 @@ def chunk_attention_bwd_kernel_dkv(
     t_lo = (i_n * BLOCK_N + 1) * L
     t_full = tl.minimum((i_n * BLOCK_N + BLOCK_N) * L, T)
     t_mid = t_lo + tl.cdiv(t_full - t_lo, BLOCK_M) * BLOCK_M
-    qr_h, do_h = qr + i_h * P, do + i_h * P
+    qr_g, do_h = qr + i_g * P, do + i_h * P
     b_dkr1, b_dkr2, b_dv = _bwd_dkv_inner(
-        b_dkr1, b_dkr2, b_dv, b_kr1, b_kr2, b_v, o_j, qr_h, do_h, lse, delta, o_bt, o_bht, t_lo, t_mid, T, L,
-        qk_scale, H, P, BLOCK_M, BLOCK_P, BLOCK_PH, True, DOT_PRECISION, EMULATE,
+        b_dkr1, b_dkr2, b_dv, b_kr1, b_kr2, b_v, o_j, qr_g, do_h, lse, delta, o_bt, o_bht, t_lo, t_mid, T, L,
+        qk_scale, H, G, P, BLOCK_M, BLOCK_P, BLOCK_PH, True, DOT_PRECISION, EMULATE,
     )  # fmt: skip
     b_dkr1, b_dkr2, b_dv = _bwd_dkv_inner(
-        b_dkr1, b_dkr2, b_dv, b_kr1, b_kr2, b_v, o_j, qr_h, do_h, lse, delta, o_bt, o_bht, t_mid, T, T, L,
-        qk_scale, H, P, BLOCK_M, BLOCK_P, BLOCK_PH, False, DOT_PRECISION, EMULATE,
+        b_dkr1, b_dkr2, b_dv, b_kr1, b_kr2, b_v, o_j, qr_g, do_h, lse, delta, o_bt, o_bht, t_mid, T, T, L,
+        qk_scale, H, G, P, BLOCK_M, BLOCK_P, BLOCK_PH, False, DOT_PRECISION, EMULATE,
     )  # fmt: skip
     b_cos, b_sin = _load_rope(p_cos, p_sin, o_j, m_j, o_ph, m_ph, P // 2, ".cg")
     b_dk1, b_dk2 = _rotate_back(b_dkr1, b_dkr2, b_cos, b_sin)
@@ -631,11 +722,12 @@ def _rotated_summaries(k: torch.Tensor, chunk_size: int, base: float) -> torch.T
     return apply_rope(summaries, positions, base).to(k.dtype).contiguous()
 
 
-def _launch_options(q: torch.Tensor) -> dict:
-    """Constexprs shared by every kernel: head-dim blocks, dot precision, bf16 emulation."""
+def _launch_options(q: torch.Tensor, k: torch.Tensor) -> dict:
+    """Constexprs shared by every kernel: heads, query groups, head-dim blocks, dot precision, bf16 emulation."""
     head_dim = q.shape[-1]
     return {
-        "H": q.shape[2],
+        "H": k.shape[2],
+        "HPG": k.shape[2] // q.shape[2],
         "P": head_dim,
         # Two dots over P/2 need P/2 padded to a power of two, at least 16 for tl.dot on GPUs.
         "BLOCK_P": max(16, triton.next_power_of_2(head_dim)),
@@ -656,135 +748,167 @@ def chunk_attention_fwd(
     chunk_size: int,
     rope_base: float,
     scale: float,
+    gate: torch.Tensor | None = None,
     config: KernelConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel.
 
     Args:
-        q, k, v: ``(B, T, H, P)`` of one dtype (fp16, bf16 or fp32), P even.
+        q: ``(B, T, G, P)`` queries in G groups (head h reads group h // (H / G)); k, v: ``(B, T, H, P)``;
+            all one dtype (fp16, bf16 or fp32), P even.
         chunk_size: L; rope_base, scale: as in the reference.
-        config: tiles and launch options; default ``CONFIGS["fwd"]`` (``"fwd_fp32"`` for fp32).
+        gate: ``(B, T, H, P)`` logits of the output gate, or None. q and gate are read in place
+            when their last two dims are contiguous (slices of a fused projection).
+        config: tiles and launch options; default from :data:`CONFIGS` by dtype and chunk count.
 
     Returns:
-        ``o`` ``(B, T, H, P)`` in q's dtype and ``lse`` ``(B, H, T)`` fp32, the log2-domain
-        log-sum-exp of the scores times ``scale * log2(e)`` (what the backward needs).
+        ``y`` ``(B, T, H, P)`` in q's dtype (the attention output, times sigmoid(gate) if given)
+        and ``lse`` ``(B, H, T)`` fp32, the log2-domain log-sum-exp of the scores times
+        ``scale * log2(e)`` (what the backward needs).
     """
-    batch, length, heads, head_dim = q.shape
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    o = torch.empty_like(q)
+    batch, length, heads, head_dim = k.shape
+    q, k, v = rows_contiguous(q), k.contiguous(), v.contiguous()
+    z = rows_contiguous(gate) if gate is not None else q
+    y = k.new_empty(k.shape, dtype=q.dtype)
     lse = torch.empty(batch, heads, length, device=q.device, dtype=torch.float32)
-    if q.numel() == 0:
-        return o, lse
-    config = config or _config("fwd", q.dtype)
+    if y.numel() == 0:
+        return y, lse
+    config = config or _config("fwd", q.dtype, length // chunk_size)
     cos, sin = _rope_tables(length, chunk_size, head_dim, rope_base, q.device)
     kr = _rotated_summaries(k, chunk_size, rope_base)
     grid = (triton.cdiv(length, config.block_m), batch * heads)
     chunk_attention_fwd_kernel[grid](
-        q, k, v, kr, o, lse, cos, sin, length, length // chunk_size, chunk_size, scale * _LOG2E,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
-        **_launch_options(q),
+        q, k, v, kr, z, y, lse, cos, sin, length, length // chunk_size, chunk_size,
+        q.stride(0), q.stride(1), z.stride(0), z.stride(1), scale * _LOG2E,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, GATED=gate is not None, num_warps=config.num_warps,
+        num_stages=config.num_stages, **_launch_options(q, k),
     )  # fmt: skip
-    return o, lse
+    return y, lse
 
 
 def chunk_attention_bwd(
-    do: torch.Tensor,
+    dy: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    o: torch.Tensor,
+    y: torch.Tensor,
     lse: torch.Tensor,
     chunk_size: int,
     rope_base: float,
     scale: float,
+    gate: torch.Tensor | None = None,
+    *,
+    dq: torch.Tensor | None = None,
+    dgate: torch.Tensor | None = None,
     config_dq: KernelConfig | None = None,
     config_dkv: KernelConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the two backward kernels (dq and own-state terms, then the summaries).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Launch the two backward kernels (dq, gate and own-state terms, then the summaries).
 
     Args:
-        do: ``(B, T, H, P)`` upstream gradient of o.
-        q, k, v, o, lse: the forward's inputs and outputs (see :func:`chunk_attention_fwd`).
+        dy: ``(B, T, H, P)`` upstream gradient of y.
+        q, k, v, y, lse, gate: the forward's inputs and outputs (see :func:`chunk_attention_fwd`).
         chunk_size, rope_base, scale: as in the forward.
-        config_dq, config_dkv: tiles and launch options; default ``CONFIGS["dq"]``, ``CONFIGS["dkv"]``.
+        dq, dgate: where to write the gradients of q and gate (shapes of q and gate, last two
+            dims contiguous, e.g. slices of one gradient buffer for a fused projection), or None
+            for new tensors.
+        config_dq, config_dkv: tiles and launch options; default from :data:`CONFIGS`.
 
     Returns:
-        ``(dq, dk, dv)``, each ``(B, T, H, P)`` in its input's dtype.
+        ``(dq, dk, dv, dgate)`` in their inputs' dtypes; dgate is None without a gate.
     """
-    batch, length, heads, head_dim = q.shape
-    q, k, v, o, do = q.contiguous(), k.contiguous(), v.contiguous(), o.contiguous(), do.contiguous()
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    if q.numel() == 0:
-        return dq, dk, dv
-    config_dq = config_dq or _config("dq", q.dtype)
-    config_dkv = config_dkv or _config("dkv", q.dtype)
-    # delta = rowsum(dO * O) and the rotated queries, written by the dq kernel for the dkv kernel.
-    delta, qr = torch.empty_like(lse), torch.empty_like(q)
+    batch, length, heads, head_dim = k.shape
+    q, k, v, y, dy = rows_contiguous(q), k.contiguous(), v.contiguous(), y.contiguous(), dy.contiguous()
+    z = rows_contiguous(gate) if gate is not None else q
+    dq = dq if dq is not None else torch.empty_like(q)
+    dz = dgate if dgate is not None else (torch.empty_like(z) if gate is not None else dq)
+    check_output("dq", dq, q)
+    check_output("dgate", dz, z)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    if dk.numel() == 0:
+        return dq, dk, dv, dz if gate is not None else None
+    chunks = length // chunk_size
+    config_dq = config_dq or _config("dq", q.dtype, chunks)
+    config_dkv = config_dkv or _config("dkv", q.dtype, chunks)
+    # Written by the dq kernel for the dkv kernel: delta = rowsum(dO * O), the rotated queries
+    # and, with a gate, dO = dy * sigmoid(gate).
+    delta, qr = torch.empty_like(lse), torch.empty_like(q, memory_format=torch.contiguous_format)
+    do = torch.empty_like(dy) if gate is not None else dy
     cos, sin = _rope_tables(length, chunk_size, head_dim, rope_base, q.device)
     kr = _rotated_summaries(k, chunk_size, rope_base)
-    chunks = length // chunk_size
-    options = _launch_options(q)
-    grid = (triton.cdiv(length, config_dq.block_m), batch * heads)
+    options = _launch_options(q, k)
+    grid = (triton.cdiv(length, config_dq.block_m), batch * q.shape[2])
     chunk_attention_bwd_kernel_dq[grid](
-        q, k, v, kr, o, do, lse, delta, qr, dq, dk, dv, cos, sin, length, chunks, chunk_size, scale, scale * _LOG2E,
-        BLOCK_M=config_dq.block_m, BLOCK_N=config_dq.block_n, num_warps=config_dq.num_warps,
-        num_stages=config_dq.num_stages, **options,
+        q, k, v, kr, z, y, dy, lse, delta, qr, do, dq, dk, dv, dz, cos, sin, length, chunks, chunk_size,
+        q.stride(0), q.stride(1), z.stride(0), z.stride(1), dq.stride(0), dq.stride(1), dz.stride(0), dz.stride(1),
+        scale, scale * _LOG2E, BLOCK_M=config_dq.block_m, BLOCK_N=config_dq.block_n, GATED=gate is not None,
+        num_warps=config_dq.num_warps, num_stages=config_dq.num_stages, **options,
     )  # fmt: skip
     if chunks:
         grid = (triton.cdiv(chunks, config_dkv.block_n), batch * heads)
         chunk_attention_bwd_kernel_dkv[grid](
-            q, k, v, kr, qr, do, lse, delta, dk, dv, cos, sin, length, chunks, chunk_size, scale, scale * _LOG2E,
-            BLOCK_M=config_dkv.block_m, BLOCK_N=config_dkv.block_n, num_warps=config_dkv.num_warps,
-            num_stages=config_dkv.num_stages, **options,
+            q, k, v, kr, qr, do, lse, delta, dk, dv, cos, sin, length, chunks, chunk_size, q.stride(0), q.stride(1),
+            scale, scale * _LOG2E, BLOCK_M=config_dkv.block_m, BLOCK_N=config_dkv.block_n,
+            num_warps=config_dkv.num_warps, num_stages=config_dkv.num_stages, **options,
         )  # fmt: skip
-    return dq, dk, dv
+    return dq, dk, dv, dz if gate is not None else None
 
 
 @torch.library.custom_op("rat_lightning::chunk_attention_fwd", mutates_args=())
 def _fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int, rope_base: float, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate: torch.Tensor | None,
+    chunk_size: int,
+    rope_base: float,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return chunk_attention_fwd(q, k, v, chunk_size, rope_base, scale)
+    return chunk_attention_fwd(q, k, v, chunk_size, rope_base, scale, gate)
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, chunk_size, rope_base, scale):
-    batch, length, heads, _ = q.shape
-    return torch.empty_like(q), q.new_empty((batch, heads, length), dtype=torch.float32)
+def _fwd_fake(q, k, v, gate, chunk_size, rope_base, scale):
+    batch, length, heads, _ = k.shape
+    return k.new_empty(k.shape, dtype=q.dtype), q.new_empty((batch, heads, length), dtype=torch.float32)
 
 
 @torch.library.custom_op("rat_lightning::chunk_attention_bwd", mutates_args=())
 def _bwd_op(
-    do: torch.Tensor,
+    dy: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    o: torch.Tensor,
+    y: torch.Tensor,
     lse: torch.Tensor,
+    gate: torch.Tensor | None,
     chunk_size: int,
     rope_base: float,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return chunk_attention_bwd(do, q, k, v, o, lse, chunk_size, rope_base, scale)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`chunk_attention_bwd` as a custom op; the gate's gradient is empty without a gate."""
+    dq, dk, dv, dgate = chunk_attention_bwd(dy, q, k, v, y, lse, chunk_size, rope_base, scale, gate)
+    return dq, dk, dv, dgate if dgate is not None else q.new_empty(0)
 
 
 @_bwd_op.register_fake
-def _bwd_fake(do, q, k, v, o, lse, chunk_size, rope_base, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _bwd_fake(dy, q, k, v, y, lse, gate, chunk_size, rope_base, scale):
+    dgate = torch.empty_like(gate) if gate is not None else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dgate
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, chunk_size, rope_base, scale = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
+    q, k, v, gate, chunk_size, rope_base, scale = inputs
+    y, lse = output
+    ctx.save_for_backward(q, k, v, gate, y, lse)
     ctx.args = (chunk_size, rope_base, scale)
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, do, dlse):
-    q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, *ctx.args)
-    return dq, dk, dv, None, None, None
+def _backward(ctx, dy, dlse):
+    q, k, v, gate, y, lse = ctx.saved_tensors
+    dq, dk, dv, dgate = _bwd_op(dy, q, k, v, y, lse, gate, *ctx.args)
+    return dq, dk, dv, dgate if gate is not None else None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -797,19 +921,24 @@ def chunk_attention_triton(
     chunk_size: int,
     rope_base: float = 10000.0,
     scale: float | None = None,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Differentiable Triton chunk attention (torch custom op ``rat_lightning::chunk_attention_fwd``).
 
     Args:
-        q, k, v: ``(B, T, H, P)``, fp16 / bf16 / fp32 (promoted to one dtype), P even.
+        q: ``(B, T, G, P)`` queries in G groups; k, v: ``(B, T, H, P)``; fp16 / bf16 / fp32 (promoted
+            to one dtype), P even.
         chunk_size: L.
         rope_base: RoPE base; positions are chunk indices.
         scale: default ``P ** -0.5``.
+        gate: ``(B, T, H, P)`` output-gate logits or None.
 
     Returns:
         ``(B, T, H, P)`` in q's dtype.
     """
-    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    dtypes = [t.dtype for t in (q, k, v, gate) if t is not None]
+    dtype = functools.reduce(torch.promote_types, dtypes)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    o, _ = _fwd_op(q.to(dtype), k.to(dtype), v.to(dtype), chunk_size, float(rope_base), scale)
-    return o.to(q.dtype)
+    gate = gate.to(dtype) if gate is not None else None
+    y, _ = _fwd_op(q.to(dtype), k.to(dtype), v.to(dtype), gate, chunk_size, float(rope_base), scale)
+    return y.to(q.dtype)

@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rat_lightning.ops.layout import check_output, rows_contiguous
+
 # Kernels are interpreted (on CPU tensors) when TRITON_INTERPRET=1 was set before this import:
 # triton reads it when `triton.jit` decorates them.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -297,6 +299,8 @@ def recurrence_bwd_kernel_chunk(
     stride_kt,
     stride_dxb,
     stride_dxt,
+    stride_dgb,
+    stride_dgt,
     stride_dkb,
     stride_dkt,
     T,
@@ -410,7 +414,8 @@ def recurrence_bwd_kernel_chunk(
                 p_dk = dk + (o_b * stride_dkb + o_t * stride_dkt)[:, None] + o_dk[None, :]
                 tl.store(p_dk, tl.sum(b_1ma * b_dk, axis=1).to(dk.dtype.element_ty), mask=m_k)
             b_dg = b_dg * b_a * b_1ma
-            tl.store(dg + o_s, b_dg.to(dg.dtype.element_ty), mask=m)
+            p_dg = dg + (o_b * stride_dgb + o_t * stride_dgt)[:, None, None] + o_d[None, :, :]
+            tl.store(p_dg, b_dg.to(dg.dtype.element_ty), mask=m)
             b_db += tl.sum(b_dg, axis=0)
         b_rx = b_a * b_dx
         if HAS_K:
@@ -449,13 +454,6 @@ def _check_device(x: torch.Tensor) -> None:
             "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, "
             "for tests on CPU); use backend='reference' or 'auto'"
         )
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t with its (heads, dim) part contiguous; batch and time strides may be anything."""
-    if t.stride(-1) != 1 or (t.shape[-2] > 1 and t.stride(-2) != t.shape[-1]):
-        t = t.contiguous()
-    return t
 
 
 def _effective_chunk(chunk_size: int | None, length: int) -> int | None:
@@ -524,8 +522,8 @@ def recurrence_fwd(
     """
     _check_device(x)
     chunk_size = _effective_chunk(chunk_size, x.shape[1])
-    x, g = _rows(x), _rows(g)
-    k = _rows(k) if k is not None else None
+    x, g = rows_contiguous(x), rows_contiguous(g)
+    k = rows_contiguous(k) if k is not None else None
     bias = gate_bias.contiguous() if gate_bias is not None else None
     if initial_state is not None:
         initial_state = tuple(s.contiguous() if s is not None else None for s in initial_state)
@@ -573,6 +571,7 @@ def recurrence_bwd(
     sk: torch.Tensor | None,
     chunk_size: int | None = None,
     initial_state: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    grads_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Backward launcher.
 
@@ -580,6 +579,9 @@ def recurrence_bwd(
         dsx, dsk: gradients of the outputs ``(B, T, H, P)`` (dsk None when k is None).
         x, g, k, gate_bias, chunk_size, initial_state: the forward's inputs.
         sx, sk: the forward's outputs (contiguous), read for s_{t-1}.
+        grads_out: ``(dx, dg, dk)`` to write the input gradients into (shapes and dtypes of x, g, k,
+            the last two dims contiguous: e.g. slices of one gradient buffer of a fused
+            projection), or None for new tensors.
 
     Returns:
         ``(dx, dg, dk, dbias, dsx0, dsk0)`` in the dtypes of their inputs; dk is ``(B, T, G, P)``
@@ -587,8 +589,8 @@ def recurrence_bwd(
     """
     _check_device(x)
     chunk_size = _effective_chunk(chunk_size, x.shape[1])
-    x, g = _rows(x), _rows(g)
-    k = _rows(k) if k is not None else None
+    x, g = rows_contiguous(x), rows_contiguous(g)
+    k = rows_contiguous(k) if k is not None else None
     bias = gate_bias.contiguous() if gate_bias is not None else None
     dsx = dsx.contiguous()
     sx = sx.contiguous()
@@ -598,8 +600,14 @@ def recurrence_bwd(
     else:
         dsk = sk = None
     batch, length, heads, dim = x.shape
-    dx, dg = x.new_empty(x.shape), g.new_empty(g.shape)
-    dk = k.new_empty(k.shape) if k is not None else None
+    if grads_out is None:
+        dx, dg = x.new_empty(x.shape), g.new_empty(g.shape)
+        dk = k.new_empty(k.shape) if k is not None else None
+    else:
+        dx, dg, dk = grads_out
+        for name, out, like in (("dx", dx, x), ("dg", dg, g), ("dk", dk, k)):
+            if like is not None:
+                check_output(name, out, like)
     s0x, s0k = initial_state if initial_state is not None else (None, None)
     s0x = s0x.contiguous() if s0x is not None else None
     s0k = s0k.contiguous() if (s0k is not None and k is not None) else None
@@ -613,7 +621,7 @@ def recurrence_bwd(
     kk, dkk = (k, dk) if k is not None else (x, dx)
     strides = (
         x.stride(0), x.stride(1), g.stride(0), g.stride(1), kk.stride(0), kk.stride(1),
-        dx.stride(0), dx.stride(1), dkk.stride(0), dkk.stride(1),
+        dx.stride(0), dx.stride(1), dg.stride(0), dg.stride(1), dkk.stride(0), dkk.stride(1),
     )  # fmt: skip
     common = dict(HAS_K=k is not None, HAS_BIAS=bias is not None, RESTART=chunk_size is not None, **meta)
     bias_arg = bias if bias is not None else x
