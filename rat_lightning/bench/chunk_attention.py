@@ -1,21 +1,24 @@
-"""Chunk-attention benchmark: the Triton kernels against a flash-attention floor.
+"""Chunk-attention benchmark: the Triton kernels against SDPA floors.
 
-RAT's inter-chunk attention at the configuration of the kernels issue: 16 heads of 128, L = 16,
-bf16, 262,144 tokens per step, T in {4K, 16K, 64K, 128K} (batch = tokens / T). For each T the
-Triton op is first checked against the reference on a slice that fits (batch 1, as many heads
-as keep the reference's (T, T / L) fp32 scores near 4 GB), then timed; times are medians of
+RAT's inter-chunk attention at the configuration of the kernels issue: 16 heads of 128 with
+G = 2 query groups and the output gate (the RAT layer's call), L = 16, bf16, 262,144 tokens per
+step, T in {4K, 16K, 64K, 128K} (batch = tokens / T). For each T the Triton op is first checked
+against the reference on a slice that fits (batch 1, the heads of as many query groups as keep
+the reference's (T, T / L) fp32 scores near 4 GB), then timed; times are medians of
 ``triton.testing.do_bench``. Run on a GPU:
 
     python -m rat_lightning.bench.chunk_attention docs/benchmarks/chunk_attention.json
 
-The floor is flash SDPA (``SDPBackend.FLASH_ATTENTION``) doing the same work without RoPE and
-the own state: the queries regrouped by their offset i in the chunk into (B, H * L, C, P) (query
-c of group i is token cL + i), the C summaries as keys and values (B, H, C, P) shared by the L
-groups of a head (GQA), causal. Query c then attends to keys j <= c, one more than ours (j < c),
-so the floor has the same FLOPs up to a 1/C term. Flash has no block mask for T queries against
-C keys (its causal mask aligns the two sequences at the top left), hence the regrouping. Where
-flash refuses GQA the keys are repeated per group instead (``floor_keys`` says which). The
-regrouping copies are outside the timed region.
+The floors are SDPA with flash (``SDPBackend.FLASH_ATTENTION``) and with cuDNN
+(``CUDNN_ATTENTION``, Hopper's fastest fused attention in torch, the floor the kernels issue
+quotes) doing the same work without RoPE, the own state and the gate: the queries regrouped by
+their offset i in the chunk into (B, H * L, C, P) (query c of group i is token cL + i), the C
+summaries as keys and values (B, H, C, P) shared by the L groups of a head (GQA), causal. Query
+c then attends to keys j <= c, one more than ours (j < c), so the floor has the same FLOPs up to
+a 1/C term. SDPA has no block mask for T queries against C keys (its causal mask aligns the two
+sequences at the top left), hence the regrouping. Where a kernel refuses GQA the keys are
+repeated per group instead (``floor_keys`` says which). The regrouping copies are outside the
+timed region.
 """
 
 from __future__ import annotations
@@ -43,36 +46,42 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def check_against_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int, max_scores: int = 2**30
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, chunk_size: int, max_scores: int = 2**30
 ) -> dict[str, float]:
-    """Relative errors of the Triton output and gradients on a slice of (q, k, v).
+    """Relative errors of the Triton output and gradients on a slice of (q, k, v, gate).
 
     Args:
-        q, k, v: ``(B, T, H, P)`` inputs.
+        q: ``(B, T, G, P)`` queries; k, v, gate: ``(B, T, H, P)``.
         chunk_size: L.
-        max_scores: the slice keeps batch 1 and at most ``max_scores / (T * T / L)`` heads (at least 1).
+        max_scores: the slice keeps batch 1 and the heads of as few query groups as keep the
+            reference's scores within ``max_scores`` (at least one group).
 
     Returns:
-        ``{"out": ..., "dq": ..., "dk": ..., "dv": ...}``, each ``||a - e|| / ||e||`` against the fp32
-        reference at the same (rounded) inputs under one random upstream gradient.
+        ``{"out", "dq", "dk", "dv", "dgate"}``, each ``||a - e|| / ||e||`` against the fp32 reference
+        at the same (rounded) inputs under one random upstream gradient.
     """
-    length, heads = q.shape[1], q.shape[2]
-    keep = max(1, min(heads, max_scores // max(1, length * (length // chunk_size))))
-    leaves = [x[:1, :, :keep].detach().clone().requires_grad_() for x in (q, k, v)]
-    out = chunk_attention(*leaves, chunk_size, backend="triton")
+    length, heads, groups = k.shape[1], k.shape[2], q.shape[2]
+    per_group = heads // groups
+    keep = max(1, min(groups, max_scores // max(1, per_group * length * (length // chunk_size))))
+    leaves = [q[:1, :, :keep]] + [x[:1, :, : keep * per_group] for x in (k, v, gate)]
+    leaves = [x.detach().clone().requires_grad_() for x in leaves]
+    out = chunk_attention(*leaves[:3], chunk_size, gate=leaves[3], backend="triton")
     grad = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, grad)
     expected_leaves = [x.detach().float().requires_grad_() for x in leaves]
-    expected = chunk_attention_reference(*expected_leaves, chunk_size)
+    expected = chunk_attention_reference(*expected_leaves[:3], chunk_size, gate=expected_leaves[3])
     expected_grads = torch.autograd.grad(expected, expected_leaves, grad.float())
     errors = {"out": _relative_error(out, expected)}
-    for name, actual, reference in zip(("dq", "dk", "dv"), grads, expected_grads):
+    for name, actual, reference in zip(("dq", "dk", "dv", "dgate"), grads, expected_grads):
         errors[name] = _relative_error(actual, reference)
     return errors
 
 
-def _flash_floor(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int) -> tuple[dict, str]:
-    """fwd and fwd+bwd times of the flash SDPA floor (see the module docstring)."""
+def _sdpa_floor(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int, kernel: str = "FLASH_ATTENTION"
+) -> tuple[dict, str]:
+    """fwd and fwd+bwd times of the SDPA floor (see the module docstring) with one SDPA ``kernel``
+    (an ``SDPBackend`` name: flash, or cuDNN, whose fused attention is faster on Hopper)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     batch, length, heads, dim = q.shape
@@ -88,7 +97,7 @@ def _flash_floor(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: 
     grad = torch.randn_like(queries)
 
     def attend(keys_: torch.Tensor, values_: torch.Tensor, gqa: bool) -> torch.Tensor:
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        with sdpa_kernel(getattr(SDPBackend, kernel)):
             return F.scaled_dot_product_attention(queries, keys_, values_, is_causal=True, enable_gqa=gqa)
 
     try:
@@ -113,6 +122,7 @@ def _flash_floor(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: 
 def bench_chunk_attention(
     tokens: int = 262_144,
     heads: int = 16,
+    groups: int = 2,
     head_dim: int = 128,
     chunk_size: int = 16,
     seq_lens: tuple[int, ...] = (4096, 16384, 65536, 131072),
@@ -122,7 +132,7 @@ def bench_chunk_attention(
 
     Args:
         tokens: batch * T per step.
-        heads, head_dim: H and P.
+        heads, groups, head_dim: H, query groups G and P.
         chunk_size: L.
         seq_lens: the values of T (each a multiple of L dividing ``tokens``).
         dtype: input dtype.
@@ -137,23 +147,24 @@ def bench_chunk_attention(
     rows = []
     for length in seq_lens:
         batch = tokens // length
-        q, k, v = (torch.randn(batch, length, heads, head_dim, device=device, dtype=dtype) for _ in range(3))
-        errors = check_against_reference(q, k, v, chunk_size)
+        k, v, gate = (torch.randn(batch, length, heads, head_dim, device=device, dtype=dtype) for _ in range(3))
+        q = torch.randn(batch, length, groups, head_dim, device=device, dtype=dtype)
+        errors = check_against_reference(q, k, v, gate, chunk_size)
         torch.cuda.empty_cache()
         chunks = length // chunk_size
         # sum over t of c(t) = L * C (C - 1) / 2 plus the tail of a partial last chunk.
         visible = chunk_size * chunks * (chunks - 1) // 2 + (length - chunks * chunk_size) * chunks
         flops = 4 * batch * heads * head_dim * visible
 
-        leaves = [x.requires_grad_() for x in (q, k, v)]
-        grad = torch.randn_like(q)
+        leaves = [x.requires_grad_() for x in (q, k, v, gate)]
+        grad = torch.randn_like(k)
 
         def forward() -> None:
             with torch.no_grad():
-                chunk_attention(q, k, v, chunk_size, backend="triton")
+                chunk_attention(q, k, v, chunk_size, gate=gate, backend="triton")
 
         def forward_backward() -> None:
-            out = chunk_attention(*leaves, chunk_size, backend="triton")
+            out = chunk_attention(*leaves[:3], chunk_size, gate=leaves[3], backend="triton")
             torch.autograd.grad(out, leaves, grad)
 
         fwd = _time(forward)
@@ -163,15 +174,18 @@ def bench_chunk_attention(
         })  # fmt: skip
         del grad, leaves
         torch.cuda.empty_cache()
-        try:
-            floor, key_mode = _flash_floor(q.detach(), k.detach(), v.detach(), chunk_size)
-        except (RuntimeError, torch.OutOfMemoryError) as error:
-            floor, key_mode = {"fwd_ms": float("nan"), "fwd_bwd_ms": float("nan")}, f"failed: {error}"[:200]
-        rows.append({
-            "T": length, "batch": batch, "variant": "flash_floor", **floor,
-            "fwd_tflops": flops / floor["fwd_ms"] / 1e9, "floor_keys": key_mode,
-        })  # fmt: skip
-        del q, k, v
+        # The floor's queries are per head (k stands in): the same FLOPs as our grouped ones.
+        for variant, kernel in (("flash_floor", "FLASH_ATTENTION"), ("cudnn_floor", "CUDNN_ATTENTION")):
+            try:
+                floor, key_mode = _sdpa_floor(k.detach(), k.detach(), v.detach(), chunk_size, kernel)
+            except (RuntimeError, torch.OutOfMemoryError) as error:
+                floor, key_mode = {"fwd_ms": float("nan"), "fwd_bwd_ms": float("nan")}, f"failed: {error}"[:200]
+            torch.cuda.empty_cache()
+            rows.append({
+                "T": length, "batch": batch, "variant": variant, **floor,
+                "fwd_tflops": flops / floor["fwd_ms"] / 1e9, "floor_keys": key_mode,
+            })  # fmt: skip
+        del q, k, v, gate
         torch.cuda.empty_cache()
     return rows
 

@@ -1,6 +1,6 @@
 """Model-level training throughput and MFU on one GPU: the 1.3B RAT and attention models.
 
-    python -m rat_lightning.bench.train_throughput out.json
+    python -m rat_lightning.bench.train_throughput out.json [--mixers rat attention] [--modes eager compile]
 
 Each model trains on random tokens at seq 4096 in bf16 autocast with fp32 master weights and
 fused AdamW (the optimizer step included in the time), eager and under torch.compile, at the
@@ -10,8 +10,8 @@ which counts attention and the recurrence, not 6N alone) x tokens/s / dense bf16
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -77,13 +77,18 @@ def measure(mixer: str, seq_len: int = 4096, compile: bool = False, steps: int =
 
 
 if __name__ == "__main__":
-    rows = [measure(mixer, compile=c) for c in (False, True) for mixer in ("rat", "attention")]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output", nargs="?", help="JSON file to write")
+    parser.add_argument("--mixers", nargs="+", default=["rat", "attention"], choices=["rat", "attention"])
+    parser.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])
+    args = parser.parse_args()
+    rows = [measure(mixer, compile=mode == "compile") for mode in args.modes for mixer in args.mixers]
     for r in rows:
         if "error" in r:
             print(r)
         else:
             print(f"{r['mixer']:10} compile={r['compile']!s:5} batch {r['batch']} {r['tokens_per_s']:9.0f} tok/s "
                   f"MFU {100 * r['mfu']:5.1f}%  step {r['step_s'] * 1e3:7.1f} ms  mem {r['max_memory_gb']:.1f} GB")
-    if len(sys.argv) > 1:
-        with open(sys.argv[1], "w") as handle:
+    if args.output:
+        with open(args.output, "w") as handle:
             json.dump(rows, handle, indent=1)

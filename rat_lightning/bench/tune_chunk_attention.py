@@ -2,7 +2,8 @@
 
     python -m rat_lightning.bench.tune_chunk_attention docs/benchmarks/chunk_attention_tiles_h100.json
 
-At the benchmark shape (16 heads of 128, L = 16, bf16, 262,144 tokens) and each T, times the
+At the benchmark shape (16 heads of 128 with 2 query groups and the output gate, as in the RAT
+layer; L = 16, bf16, 262,144 tokens) and each T, times the
 forward kernel under every forward tile, and the backward (both kernels) under every dq tile
 with the default dkv tile and every dkv tile with the default dq tile. Tiles that do not
 compile (shared memory, registers) are recorded as NaN. The winners go into
@@ -19,14 +20,14 @@ import triton
 import triton.testing
 
 from rat_lightning.bench.report import write_report
-from rat_lightning.ops.chunk_attention.triton import CONFIGS, KernelConfig, chunk_attention_bwd, chunk_attention_fwd
+from rat_lightning.ops.chunk_attention.triton import KernelConfig, _config, chunk_attention_bwd, chunk_attention_fwd
 
 _STAGES = (2, 3)
 _WARPS = (4, 8)
 
 
-def candidates(kernel: str) -> list[KernelConfig]:
-    """The tiles tried for ``kernel`` in {"fwd", "dq", "dkv"}, the current default first.
+def candidates(kernel: str, chunks: int) -> list[KernelConfig]:
+    """The tiles tried for ``kernel`` in {"fwd", "dq", "dkv"}, the current default at ``chunks`` first.
 
     The A operand of the second dot puts the warps along its rows, so dq keeps
     block_m >= 16 * warps and dkv block_n >= 16 * warps (smaller ones spill).
@@ -37,7 +38,7 @@ def candidates(kernel: str) -> list[KernelConfig]:
         tiles = list(itertools.product((64, 128), (32, 64)))
     else:
         tiles = list(itertools.product((32, 64), (64, 128)))
-    configs = [CONFIGS[kernel]]
+    configs = [_config(kernel, torch.bfloat16, chunks)]
     for (block_m, block_n), warps, stages in itertools.product(tiles, _WARPS, _STAGES):
         rows = block_m if kernel == "dq" else block_n if kernel == "dkv" else 16 * warps
         if rows >= 16 * warps and KernelConfig(block_m, block_n, warps, stages) not in configs:
@@ -54,30 +55,29 @@ def _bench(fn) -> float:
 
 
 def sweep(seq_lens: tuple[int, ...] = (4096, 16384, 131072), tokens: int = 262_144, heads: int = 16,
-          head_dim: int = 128, chunk_size: int = 16) -> list[dict]:
+          groups: int = 2, head_dim: int = 128, chunk_size: int = 16) -> list[dict]:
     """Rows ``{"T", "kernel", "config", "ms"}``: fwd rows time the forward, dq / dkv rows the backward."""
     rows = []
     scale = head_dim**-0.5
     for length in seq_lens:
         batch = tokens // length
-        q, k, v, do = (torch.randn(batch, length, heads, head_dim, device="cuda", dtype=torch.bfloat16)
-                       for _ in range(4))  # fmt: skip
-        o, lse = chunk_attention_fwd(q, k, v, chunk_size, 10000.0, scale)
+        k, v, do, gate = (torch.randn(batch, length, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+                          for _ in range(4))  # fmt: skip
+        q = torch.randn(batch, length, groups, head_dim, device="cuda", dtype=torch.bfloat16)
+        o, lse = chunk_attention_fwd(q, k, v, chunk_size, 10000.0, scale, gate)
         for kernel in ("fwd", "dq", "dkv"):
-            for config in candidates(kernel):
+            for config in candidates(kernel, length // chunk_size):
                 if kernel == "fwd":
                     def run(config=config):
-                        return chunk_attention_fwd(q, k, v, chunk_size, 10000.0, scale, config)
+                        return chunk_attention_fwd(q, k, v, chunk_size, 10000.0, scale, gate, config)
                 else:
                     tiles = {"config_dq" if kernel == "dq" else "config_dkv": config}
 
                     def run(tiles=tiles):
-                        return chunk_attention_bwd(do, q, k, v, o, lse, chunk_size, 10000.0, scale, **tiles)
+                        return chunk_attention_bwd(do, q, k, v, o, lse, chunk_size, 10000.0, scale, gate, **tiles)
                 ms = _bench(run)
                 rows.append({"T": length, "kernel": kernel, "config": list(config), "ms": ms})
                 print(f"T={length:>6} {kernel:<4} {tuple(config)} {ms:8.3f} ms", flush=True)
-        del q, k, v, do, o, lse
-        torch.cuda.empty_cache()
     return rows
 
 

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from rat_lightning.layers.base import Mixer, split_heads
+from rat_lightning.layers.base import Mixer
 from rat_lightning.layers.cache import SequenceBuffer
 from rat_lightning.layers.rnn import init_gate_bias
-from rat_lightning.ops.chunk_attention import chunk_attention, chunk_attention_step, rotate_summary
-from rat_lightning.ops.recurrence import gated_recurrence, gated_recurrence_step
+from rat_lightning.ops.chunk_attention import chunk_attention_step, rotate_summary
+from rat_lightning.ops.rat_mixing import rat_mixing, split_projection
+from rat_lightning.ops.recurrence import gated_recurrence_step
 from rat_lightning.ops.recurrence.reference import compute_dtype
 
 
@@ -82,8 +83,8 @@ class RAT(Mixer):
         self.n_heads, self.n_groups, self.chunk_size, self.rope_base = n_heads, n_groups, chunk_size, rope_base
         self.backend = backend
         head_dim = d_model // n_heads
-        self.sizes = [d_model, d_model, d_model, n_groups * head_dim, n_groups * head_dim]
-        self.w_in = nn.Linear(d_model, sum(self.sizes), bias=False)
+        # One packed projection [z | x | g | q | k] (ops.rat_mixing.split_projection).
+        self.w_in = nn.Linear(d_model, 3 * d_model + 2 * n_groups * head_dim, bias=False)
         self.w_out = nn.Linear(d_model, d_model, bias=False)
         self.gate_bias = nn.Parameter(torch.zeros(n_heads, head_dim))
         init_gate_bias(self.gate_bias, chunk_size - 1)
@@ -92,25 +93,16 @@ class RAT(Mixer):
         super().reset_parameters(std)
         init_gate_bias(self.gate_bias, self.chunk_size - 1)
 
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        z, value, gate, query, key = self.w_in(x).split(self.sizes, dim=-1)
-        query = split_heads(query, self.n_groups).repeat_interleave(self.n_heads // self.n_groups, dim=-2)
-        return z, split_heads(value, self.n_heads), split_heads(gate, self.n_heads), query, split_heads(
-            key, self.n_groups
-        )
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, T, d_model)`` -> ``(B, T, d_model)``; any T (a last partial chunk is fine)."""
         return self._mix(x)[0]
 
     def _mix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The parallel path: output ``(B, T, d_model)`` and the states sx, sk ``(B, T, H, P)``."""
-        z, value, gate, query, key = self._project(x)
-        sx, sk = gated_recurrence(
-            value, gate, key, gate_bias=self.gate_bias, chunk_size=self.chunk_size, backend=self.backend
+        """The parallel path: output ``(B, T, d_model)`` and the states sx, sk ``(B, T, H, P)`` (no gradient)."""
+        y, sx, sk = rat_mixing(
+            self.w_in(x), self.gate_bias, self.n_heads, self.n_groups, self.chunk_size, self.rope_base, self.backend
         )
-        attn = chunk_attention(query, sk, sx, self.chunk_size, rope_base=self.rope_base, backend=self.backend)
-        return self.w_out(torch.sigmoid(z) * attn.flatten(2)), sx, sk
+        return self.w_out(y), sx, sk
 
     def cache_bytes(self, length: int, dtype: torch.dtype, read: bool = False) -> int:
         """Finished chunks' summaries in ``dtype`` plus the running state (if a chunk is open) in fp32."""
@@ -126,14 +118,15 @@ class RAT(Mixer):
 
     def step(self, x: torch.Tensor, cache: RATCache) -> tuple[torch.Tensor, RATCache]:
         """``(B, d_model)`` -> ``(B, d_model)``; a finished chunk's states join the summaries."""
-        z, value, gate, query, key = self._project(x)
+        z, value, gate, query, key = split_projection(self.w_in(x), self.n_heads, self.n_groups)
+        query = query.repeat_interleave(self.n_heads // self.n_groups, dim=-2)
         previous = None if cache.position % self.chunk_size == 0 else cache.state
         sx, sk = gated_recurrence_step(value, gate, previous, key, gate_bias=self.gate_bias)
         keys, values = cache.keys.data, cache.values.data
         if keys is None:
             keys = values = sx.new_zeros(sx.shape[0], 0, *sx.shape[1:])
         attn = chunk_attention_step(query, sk, sx, keys, values, rope_base=self.rope_base, backend=self.backend)
-        out = self.w_out((torch.sigmoid(z.to(attn.dtype)) * attn.flatten(1)).to(x.dtype))
+        out = self.w_out((torch.sigmoid(z.to(attn.dtype)) * attn).flatten(1).to(x.dtype))
         if (cache.position + 1) % self.chunk_size:
             return out, RATCache(cache.keys, cache.values, (sx, sk), cache.position + 1)
         # The finished chunk's state becomes its summary; the next token restarts anyway.

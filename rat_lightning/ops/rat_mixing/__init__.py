@@ -1,0 +1,70 @@
+"""Dispatcher for the mixing core of a RAT layer: packed projection in, gated attention out.
+
+Maths in :mod:`.reference`; the Triton path (:mod:`.triton`) is one op whose backward writes
+every gradient of the packed projection into one buffer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from rat_lightning.ops.backend import resolve_backend
+from rat_lightning.ops.rat_mixing.reference import rat_mixing_reference, split_projection
+
+__all__ = ["rat_mixing", "split_projection"]
+
+_AVAILABLE = ("triton",) if importlib.util.find_spec("triton") is not None else ()
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def rat_mixing(
+    h: torch.Tensor,
+    gate_bias: torch.Tensor,
+    heads: int,
+    groups: int,
+    chunk_size: int,
+    rope_base: float = 10000.0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RAT's recurrence, inter-chunk attention and output gate on a packed projection.
+
+    Args:
+        h: ``(B, T, (3 H + 2 G) P)`` the input projection laid out ``[z | x | g | q | k]``
+            (:func:`split_projection`).
+        gate_bias: ``(H, P)`` bias of the recurrence gate.
+        heads, groups: H and G (H % G == 0).
+        chunk_size: L.
+        rope_base: RoPE base over chunk indices.
+        backend: ``"auto"`` (Triton on CUDA for fp16 / bf16 / fp32, else the reference),
+            ``"reference"`` or ``"triton"`` (also CPU tensors under TRITON_INTERPRET=1).
+
+    Returns:
+        ``y`` ``(B, T, H * P)`` in h's dtype, differentiable in h and gate_bias; the states
+        ``sx, sk`` ``(B, T, H, P)`` in h's dtype without gradient (a cache's summaries).
+    """
+    if heads % groups:
+        raise ValueError(f"heads ({heads}) must be divisible by groups ({groups})")
+    parts = 3 * heads + 2 * groups
+    if h.dim() != 3 or h.shape[-1] % parts:
+        raise ValueError(
+            f"h must be (batch, seq, (3 * heads + 2 * groups) * head_dim) = (batch, seq, {parts} * head_dim), "
+            f"got {tuple(h.shape)}"
+        )
+    dim = h.shape[-1] // parts
+    if gate_bias.shape != (heads, dim):
+        raise ValueError(f"gate_bias must be (heads, head_dim) = {(heads, dim)}, got {tuple(gate_bias.shape)}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    supported = h.dtype in _TRITON_DTYPES
+    if backend == "triton" and not supported:
+        raise ValueError(f"the Triton kernels take fp16, bf16 or fp32 h, got {h.dtype}; use backend='reference'")
+    if resolve_backend(backend, h, available=_AVAILABLE if supported else ()) == "triton":
+        if dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {dim}; pick d_model / n_heads even")
+        from rat_lightning.ops.rat_mixing.triton import rat_mixing_fwd
+
+        y, sx, sk, _ = rat_mixing_fwd(h, gate_bias, heads, groups, chunk_size, float(rope_base))
+        return y, sx, sk
+    return rat_mixing_reference(h, gate_bias, heads, groups, chunk_size, rope_base)

@@ -1,0 +1,85 @@
+"""The mixing core of a RAT layer as one op over the Triton kernels, with one gradient buffer.
+
+Forward: the recurrence kernel reads x, g, k from the packed projection h in place, and the
+chunk-attention kernel reads q and z there too and writes the gated output y. Backward: one
+buffer dh shaped like h; the chunk-attention kernels write dq and dz into its slices and the
+recurrence kernel dx, dg, dk, so no gradient is concatenated or repeated. Saved for the
+backward: h, the states, y (also the input the output projection saves) and the log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rat_lightning.ops.chunk_attention.triton import chunk_attention_bwd, chunk_attention_fwd
+from rat_lightning.ops.rat_mixing.reference import split_projection
+from rat_lightning.ops.recurrence.triton import recurrence_bwd, recurrence_fwd
+
+
+@torch.library.custom_op("rat_lightning::rat_mixing_fwd", mutates_args=())
+def rat_mixing_fwd(
+    h: torch.Tensor, gate_bias: torch.Tensor, heads: int, groups: int, chunk_size: int, rope_base: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, sx, sk, lse)``: y ``(B, T, H * P)`` and the states ``(B, T, H, P)`` in h's dtype, lse
+    ``(B, H, T)`` fp32 (see :func:`.chunk_attention.triton.chunk_attention_fwd`)."""
+    z, x, g, q, k = split_projection(h, heads, groups)
+    sx, sk = recurrence_fwd(x, g, k, gate_bias, chunk_size)
+    y, lse = chunk_attention_fwd(q, sk, sx, chunk_size, rope_base, x.shape[-1] ** -0.5, gate=z)
+    return y.flatten(2), sx, sk, lse
+
+
+@rat_mixing_fwd.register_fake
+def _fwd_fake(h, gate_bias, heads, groups, chunk_size, rope_base):
+    batch, length, width = h.shape
+    dim = width // (3 * heads + 2 * groups)
+    states = h.new_empty(batch, length, heads, dim)
+    lse = h.new_empty(batch, heads, length, dtype=torch.float32)
+    return h.new_empty(batch, length, heads * dim), states, torch.empty_like(states), lse
+
+
+@torch.library.custom_op("rat_lightning::rat_mixing_bwd", mutates_args=())
+def rat_mixing_bwd(
+    dy: torch.Tensor,
+    h: torch.Tensor,
+    gate_bias: torch.Tensor,
+    y: torch.Tensor,
+    sx: torch.Tensor,
+    sk: torch.Tensor,
+    lse: torch.Tensor,
+    heads: int,
+    groups: int,
+    chunk_size: int,
+    rope_base: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dh, dgate_bias)``: the gradient of h written slice by slice into one buffer."""
+    z, x, g, q, k = split_projection(h, heads, groups)
+    dh = torch.empty_like(h)
+    dz, dx, dg, dq, dk = split_projection(dh, heads, groups)
+    _, dsk, dsx, _ = chunk_attention_bwd(
+        dy.unflatten(-1, sx.shape[2:]), q, sk, sx, y.unflatten(-1, sx.shape[2:]), lse, chunk_size, rope_base,
+        x.shape[-1] ** -0.5, z, dq=dq, dgate=dz,
+    )  # fmt: skip
+    dbias = recurrence_bwd(dsx, dsk, x, g, k, gate_bias, sx, sk, chunk_size, grads_out=(dx, dg, dk))[3]
+    return dh, dbias
+
+
+@rat_mixing_bwd.register_fake
+def _bwd_fake(dy, h, gate_bias, y, sx, sk, lse, heads, groups, chunk_size, rope_base):
+    return torch.empty_like(h), torch.empty_like(gate_bias)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    h, gate_bias, heads, groups, chunk_size, rope_base = inputs
+    y, sx, sk, lse = output
+    ctx.save_for_backward(h, gate_bias, y, sx, sk, lse)
+    ctx.args = (heads, groups, chunk_size, rope_base)
+    ctx.mark_non_differentiable(sx, sk, lse)
+
+
+def _backward(ctx, dy, dsx, dsk, dlse):
+    h, gate_bias, y, sx, sk, lse = ctx.saved_tensors
+    dh, dbias = rat_mixing_bwd(dy, h, gate_bias, y, sx, sk, lse, *ctx.args)
+    return dh, dbias, None, None, None, None
+
+
+rat_mixing_fwd.register_autograd(_backward, setup_context=_setup_context)
