@@ -69,14 +69,14 @@ class KernelConfig(NamedTuple):
     num_stages: int
 
 
-# Per kernel, dot dtype and sequence regime. The 16-bit ones keep the inner loops free of register
-# spills on sm_90 at P = 128 (ptxas report of an offline build for Triton 3.9): P / dS, the A
-# operand of the second dot, puts the warps along its rows, so the dq kernel wants
-# block_m >= 16 * num_warps and the dkv kernel block_n >= 16 * num_warps. Tiles from the H100 sweep
-# of ``bench/tune_chunk_attention.py`` (docs/benchmarks/chunk_attention_tiles_h100.json): small
-# tiles win while a query sees few summaries (T = 4K, 16K), large ones from about 2K chunks on
-# ("_long"). fp32 is the accuracy path: its IEEE dots run on FMA units and spill at any tile
-# size, least with small tiles.
+# Per kernel, dot dtype and sequence regime. P / dS, the A operand of the second dot, puts the
+# warps along its rows, so the dq kernel wants block_m >= 16 * num_warps and the dkv kernel
+# block_n >= 16 * num_warps. Tiles from the H100 sweep of ``bench/tune_chunk_attention.py``
+# (docs/benchmarks/chunk_attention_tiles_h100.json): small tiles win while a query sees few
+# summaries (T = 4K, 16K), large ones from about 2K chunks on ("_long"). All of them spill some
+# registers in Triton 3.9's build (``python -m rat_lightning.bench.kernel_report``); the sweep's
+# times, not spill counts, chose them. fp32 is the accuracy path: its IEEE dots run on FMA units
+# and spill at any tile size, least with small tiles.
 CONFIGS = {
     "fwd": KernelConfig(64, 32, 4, 2),
     "fwd_long": KernelConfig(128, 128, 8, 3),
@@ -462,9 +462,9 @@ def chunk_attention_bwd_kernel_dq(
     m_tph = m_t[:, None] & m_ph[None, :]
     o_c = o_t // L
 
-    b_q1, b_q2 = _load_halves(q, o_qrow, m_t, o_ph, m_ph, P // 2, False)
-    b_cos, b_sin = _load_rope(p_cos, p_sin, o_c, m_t, o_ph, m_ph, P // 2, "")
-    b_qr1, b_qr2 = _rotate(b_q1.to(tl.float32), b_q2.to(tl.float32), b_cos, b_sin)
+    b_qa1, b_qa2 = _load_halves(q, o_qrow, m_t, o_ph, m_ph, P // 2, False)
+    b_cosa, b_sina = _load_rope(p_cos, p_sin, o_c, m_t, o_ph, m_ph, P // 2, "")
+    b_qr1, b_qr2 = _rotate(b_qa1.to(tl.float32), b_qa2.to(tl.float32), b_cosa, b_sina)
     b_qr1 = _to_dot(b_qr1, DTYPE, EMULATE)
     b_qr2 = _to_dot(b_qr2, DTYPE, EMULATE)
     p_qr1 = qr + ((o_bt + o_t) * G + i_g)[:, None] * P + o_ph[None, :]
@@ -515,8 +515,8 @@ def chunk_attention_bwd_kernel_dq(
         p_dv = dv + o_row[:, None] + o_p[None, :]
         tl.store(p_dv, _to_store(b_p_own[:, None] * b_do, dv.dtype.element_ty, EMULATE), mask=m_tp)
         # The own term dS_own * k joins the accumulator in the rotated frame.
-        b_cos, b_sin = _load_rope(p_cos, p_sin, o_c, m_th, o_ph, m_ph, P // 2, ".ca")
-        b_own1, b_own2 = _rotate(b_ds_own[:, None] * b_k1, b_ds_own[:, None] * b_k2, b_cos, b_sin)
+        b_cosh, b_sinh = _load_rope(p_cos, p_sin, o_c, m_th, o_ph, m_ph, P // 2, ".ca")
+        b_own1, b_own2 = _rotate(b_ds_own[:, None] * b_k1, b_ds_own[:, None] * b_k2, b_cosh, b_sinh)
         b_dqr1 += b_own1
         b_dqr2 += b_own2
 

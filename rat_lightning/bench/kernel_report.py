@@ -1,0 +1,103 @@
+"""Compile the chunk-attention kernels for Hopper without a GPU and report registers and spills.
+
+    python -m rat_lightning.bench.kernel_report
+
+Builds each kernel (bf16, P = 128, 16 heads in 2 query groups, gated) at its :data:`CONFIGS`
+tiles for sm_90 through Triton's full pipeline, then runs the ptxas that ships with Triton for
+its register and spill report (when that ptxas reads Triton's PTX version). It needs no GPU, so
+CI runs it too: a kernel that the interpreter runs but the compiler rejects (a loop-carried
+variable that changes type, say) fails here. Counts are for this machine's Triton; the GPU
+image's may differ.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+_FP32_POINTERS = ("lse", "delta", "p_cos", "p_sin")
+_FLOAT_SCALARS = ("scale", "qk_scale")
+_INT_SCALARS = ("T", "C", "L")
+
+
+def _signature(arg_names: list[str], constexprs: dict) -> dict[str, str]:
+    """Triton types of a chunk-attention kernel's arguments: bf16 tensors, fp32 statistics."""
+    types = {}
+    for name in arg_names:
+        if name in constexprs:
+            types[name] = "constexpr"
+        elif name in _FP32_POINTERS:
+            types[name] = "*fp32"
+        elif name in _FLOAT_SCALARS:
+            types[name] = "fp32"
+        elif name in _INT_SCALARS or name.startswith("stride"):
+            types[name] = "i32"
+        else:
+            types[name] = "*bf16"
+    return types
+
+
+def _ptxas_report(ptx: str) -> str:
+    """The register and spill lines of ``ptxas -v`` for sm_90a, or why there are none."""
+    import triton
+
+    folder = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for name in ("ptxas-blackwell", "ptxas"):
+        ptxas = os.path.join(folder, name)
+        if not os.path.exists(ptxas):
+            continue
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as handle:
+            handle.write(ptx)
+        result = subprocess.run([ptxas, "-v", "-arch=sm_90a", handle.name, "-o", os.devnull], capture_output=True,
+                                text=True)  # fmt: skip
+        os.unlink(handle.name)
+        if result.returncode == 0:
+            lines = [line.split("info    :")[-1].strip() for line in result.stderr.splitlines()]
+            return "; ".join(line for line in lines if "spill" in line or "registers" in line)
+    return "no ptxas for this PTX version"
+
+
+def compile_kernels() -> list[tuple[str, str]]:
+    """``(kernel and tiles, ptxas report)`` for the fwd, dq and dkv kernels at every bf16 config."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from rat_lightning.ops.chunk_attention import triton as kernels
+
+    base = {"H": 16, "HPG": 8, "P": 128, "BLOCK_P": 128, "BLOCK_PH": 64, "DOT_PRECISION": "ieee", "EMULATE": False}
+    launches = {
+        "fwd": kernels.chunk_attention_fwd_kernel,
+        "dq": kernels.chunk_attention_bwd_kernel_dq,
+        "dkv": kernels.chunk_attention_bwd_kernel_dkv,
+    }
+    rows = []
+    for config_name, config in kernels.CONFIGS.items():
+        kernel_name = config_name.split("_")[0]
+        if config_name.endswith("fp32"):
+            continue
+        kernel = launches[kernel_name]
+        constexprs = {**base, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n}
+        if "GATED" in kernel.arg_names:
+            constexprs["GATED"] = True
+        source = ASTSource(fn=kernel, signature=_signature(kernel.arg_names, constexprs), constexprs=constexprs)
+        compiled = triton.compile(
+            source, target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+        )  # fmt: skip
+        rows.append((f"{config_name} {tuple(config)}", _ptxas_report(compiled.asm["ptx"])))
+    return rows
+
+
+def main() -> None:
+    """Print one line per kernel config; exits non-zero if one does not compile."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
+    for name, report in compile_kernels():
+        print(f"{name:<40} {report}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
