@@ -53,8 +53,8 @@ def check_against_reference(
     Args:
         q: ``(B, T, G, P)`` queries; k, v, gate: ``(B, T, H, P)``.
         chunk_size: L.
-        max_scores: the slice keeps batch 1 and the heads of as few query groups as keep the
-            reference's scores within ``max_scores`` (at least one group).
+        max_scores: the slice keeps batch 1 and as many heads (whole query groups where they fit,
+            at least one head) as keep the reference's scores within ``max_scores``.
 
     Returns:
         ``{"out", "dq", "dk", "dv", "dgate"}``, each ``||a - e|| / ||e||`` against the fp32 reference
@@ -62,8 +62,10 @@ def check_against_reference(
     """
     length, heads, groups = k.shape[1], k.shape[2], q.shape[2]
     per_group = heads // groups
-    keep = max(1, min(groups, max_scores // max(1, per_group * length * (length // chunk_size))))
-    leaves = [q[:1, :, :keep]] + [x[:1, :, : keep * per_group] for x in (k, v, gate)]
+    keep = max(1, min(heads, max_scores // max(1, length * (length // chunk_size))))
+    # Whole groups where they fit, else part of the first group's heads (still one query group).
+    keep = keep // per_group * per_group or keep
+    leaves = [q[:1, :, : -(-keep // per_group)]] + [x[:1, :, :keep] for x in (k, v, gate)]
     leaves = [x.detach().clone().requires_grad_() for x in leaves]
     out = chunk_attention(*leaves[:3], chunk_size, gate=leaves[3], backend="triton")
     grad = torch.randn_like(out)

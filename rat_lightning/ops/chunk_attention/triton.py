@@ -17,10 +17,10 @@ Kernels (tiles in :data:`CONFIGS`):
   term, so the running max is finite from the start, then loops over tiles of block_n summaries:
   tiles below the tile's first chunk need no mask, the last one or two get the mask j < c(t).
   Writes y (gated o) and the log2-domain log-sum-exp per (b, h, t).
-- ``chunk_attention_bwd_kernel_dq``: grid (query tiles, B * G). Per block_m queries of a group:
-  the rotated queries (stored once for the next kernel), then for each of the group's heads
-  dO (stored when gated), delta, dz, the own-state gradients dk_t, dv_t of every row and the
-  head's share of dq, accumulated over the heads in registers; dq is written once.
+- ``chunk_attention_bwd_kernel_dq``: grid (query tiles, B * H). Per block_m queries of a head:
+  dO (stored when gated), delta, dz, the own-state gradients dk_t, dv_t of every row, the
+  head's dq (a group's heads are summed after the kernel) and, from a group's first head, the
+  rotated queries for the next kernel.
 - ``chunk_attention_bwd_kernel_dkv``: grid (summary tiles, B * H). Per block_n summaries: loops
   over the query tiles that see them, accumulates dK_j, dV_j on top of the own-state gradients
   of rows jL + L - 1 and overwrites those rows of dk, dv. It runs after the dq kernel on the same
@@ -436,19 +436,20 @@ def chunk_attention_bwd_kernel_dq(
     DOT_PRECISION: tl.constexpr,
     EMULATE: tl.constexpr,
 ):
-    """Backward, query side, for one query group: per head the gate's and the own state's
-    gradients, and dq summed over the group's heads.
+    """Backward, query side, per head: the gate's and the own state's gradients and the head's dq.
 
-    Grid: (cdiv(T, BLOCK_M), B * G). Per head h of the group: dO = dy * sigmoid(z) (dy if not
-    GATED), stored in ``do`` when GATED; delta = rowsum(dO * O) = rowsum(dy * y) (B, H, T) fp32;
-    dz = dy * y * sigmoid(-z); the own-state gradients dk_t, dv_t of every row (rows jL + L - 1 are
-    overwritten afterwards by ``chunk_attention_bwd_kernel_dkv`` with own-state plus summary
-    gradients). Once per group: the rotated queries qr (B, T, G, P) in q's dtype for that kernel,
-    and dq. q, z, dq, dz take batch / time strides; the rest is contiguous.
+    Grid: (cdiv(T, BLOCK_M), B * H). dO = dy * sigmoid(z) (dy if not GATED), stored in ``do`` when
+    GATED; delta = rowsum(dO * O) = rowsum(dy * y) (B, H, T) fp32; dz = dy * y * sigmoid(-z); the
+    own-state gradients dk_t, dv_t of every row (rows jL + L - 1 are overwritten afterwards by
+    ``chunk_attention_bwd_kernel_dkv`` with own-state plus summary gradients); this head's dq
+    (``dq`` (B, T, H, P): the caller sums a group's heads when H / G > 1); and, from the first head
+    of each group, the rotated queries qr (B, T, G, P) in q's dtype for that kernel. q, z, dq, dz
+    take batch / time strides (dq's head stride is P); the rest is contiguous.
     """
-    i_m, i_bg = tl.program_id(0), tl.program_id(1)
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
     G = H // HPG
-    i_b, i_g = i_bg // G, i_bg % G
+    i_g = i_h // HPG
     DTYPE = q.dtype.element_ty
     o_t = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_t = o_t < T
@@ -457,83 +458,70 @@ def chunk_attention_bwd_kernel_dq(
     m_p = _col_mask(o_p, P, BLOCK_P)
     m_ph = _col_mask(o_ph, P // 2, BLOCK_PH)
     o_bt = i_b.to(tl.int64) * T
+    o_row = ((o_bt + o_t) * H + i_h) * P
     o_qrow = i_b.to(tl.int64) * stride_qb + o_t.to(tl.int64) * stride_qt + i_g * P
     m_tp = m_t[:, None] & m_p[None, :]
     m_tph = m_t[:, None] & m_ph[None, :]
-    o_c = o_t // L
+    o_lse = i_bh.to(tl.int64) * T + o_t
 
-    b_qa1, b_qa2 = _load_halves(q, o_qrow, m_t, o_ph, m_ph, P // 2, False)
-    b_cosa, b_sina = _load_rope(p_cos, p_sin, o_c, m_t, o_ph, m_ph, P // 2, "")
-    b_qr1, b_qr2 = _rotate(b_qa1.to(tl.float32), b_qa2.to(tl.float32), b_cosa, b_sina)
+    b_dy = tl.load(dy + o_row[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
+    b_y = tl.load(y + o_row[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
+    b_delta = tl.sum(b_dy * b_y, 1)
+    tl.store(delta + o_lse, b_delta, mask=m_t)
+    if GATED:
+        o_zrow = i_b.to(tl.int64) * stride_zb + o_t.to(tl.int64) * stride_zt + i_h * P
+        b_z = tl.load(z + o_zrow[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
+        o_dzrow = i_b.to(tl.int64) * stride_dzb + o_t.to(tl.int64) * stride_dzt + i_h * P
+        b_dz = b_dy * b_y * _sigmoid(-b_z)
+        tl.store(dz + o_dzrow[:, None] + o_p[None, :], _to_store(b_dz, dz.dtype.element_ty, EMULATE), mask=m_tp)
+        b_do = b_dy * _sigmoid(b_z)
+        tl.store(do + o_row[:, None] + o_p[None, :], _to_store(b_do, do.dtype.element_ty, EMULATE), mask=m_tp)
+    else:
+        b_do = b_dy
+    b_lse = tl.load(lse + o_lse, mask=m_t, other=0.0)
+
+    b_q1, b_q2 = _load_halves(q, o_qrow, m_t, o_ph, m_ph, P // 2, False)
+    b_k1, b_k2 = _load_halves(k, o_row, m_t, o_ph, m_ph, P // 2, False)
+    b_q1, b_q2 = b_q1.to(tl.float32), b_q2.to(tl.float32)
+    b_k1, b_k2 = b_k1.to(tl.float32), b_k2.to(tl.float32)
+    b_v = tl.load(v + o_row[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
+    b_ds_own, b_p_own = _own_grads(b_q1, b_q2, b_k1, b_k2, b_v, b_do, b_lse, b_delta, qk_scale)
+    p_dk1 = dk + o_row[:, None] + o_ph[None, :]
+    tl.store(p_dk1, _to_store(b_ds_own[:, None] * b_q1 * scale, dk.dtype.element_ty, EMULATE), mask=m_tph)
+    tl.store(p_dk1 + P // 2, _to_store(b_ds_own[:, None] * b_q2 * scale, dk.dtype.element_ty, EMULATE), mask=m_tph)
+    p_dv = dv + o_row[:, None] + o_p[None, :]
+    tl.store(p_dv, _to_store(b_p_own[:, None] * b_do, dv.dtype.element_ty, EMULATE), mask=m_tp)
+
+    o_c = o_t // L
+    b_cos, b_sin = _load_rope(p_cos, p_sin, o_c, m_t, o_ph, m_ph, P // 2, "")
+    b_qr1, b_qr2 = _rotate(b_q1, b_q2, b_cos, b_sin)
     b_qr1 = _to_dot(b_qr1, DTYPE, EMULATE)
     b_qr2 = _to_dot(b_qr2, DTYPE, EMULATE)
-    p_qr1 = qr + ((o_bt + o_t) * G + i_g)[:, None] * P + o_ph[None, :]
-    tl.store(p_qr1, _to_store(b_qr1, qr.dtype.element_ty, EMULATE), mask=m_tph)
-    tl.store(p_qr1 + P // 2, _to_store(b_qr2, qr.dtype.element_ty, EMULATE), mask=m_tph)
+    if i_h % HPG == 0:
+        p_qr1 = qr + ((o_bt + o_t) * G + i_g)[:, None] * P + o_ph[None, :]
+        tl.store(p_qr1, _to_store(b_qr1, qr.dtype.element_ty, EMULATE), mask=m_tph)
+        tl.store(p_qr1 + P // 2, _to_store(b_qr2, qr.dtype.element_ty, EMULATE), mask=m_tph)
+    b_do_dot = _to_dot(b_do, DTYPE, EMULATE)
+    # The own term dS_own * k joins the accumulator in the rotated frame (rotated forward here,
+    # back with the rest after the loop), so k, cos and sin need not stay live across the loop.
+    b_dqr1, b_dqr2 = _rotate(b_ds_own[:, None] * b_k1, b_ds_own[:, None] * b_k2, b_cos, b_sin)
 
     c_first = (i_m * BLOCK_M) // L
     n_keys = tl.minimum((tl.minimum(i_m * BLOCK_M + BLOCK_M, T) - 1) // L, C)
     j_mid = (c_first // BLOCK_N) * BLOCK_N
-    # dq of the group in the rotated frame, summed over its heads, rotated back once at the end.
-    b_dqr1 = tl.zeros([BLOCK_M, BLOCK_PH], dtype=tl.float32)
-    b_dqr2 = tl.zeros([BLOCK_M, BLOCK_PH], dtype=tl.float32)
-    for i_hh in range(HPG):
-        i_h = i_g * HPG + i_hh
-        o_row = ((o_bt + o_t) * H + i_h) * P
-        o_lse = (i_b * H + i_h).to(tl.int64) * T + o_t
-        # Masks that depend on the head keep these per-head loads inside the loop, so the raw
-        # rows and the RoPE tiles are not held live across the summary loops.
-        m_th = m_t & (i_hh < HPG)
-        b_dy = tl.load(dy + o_row[:, None] + o_p[None, :], mask=m_th[:, None] & m_p[None, :], other=0.0)
-        b_y = tl.load(y + o_row[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
-        b_dy = b_dy.to(tl.float32)
-        b_delta = tl.sum(b_dy * b_y, 1)
-        tl.store(delta + o_lse, b_delta, mask=m_t)
-        if GATED:
-            o_zrow = i_b.to(tl.int64) * stride_zb + o_t.to(tl.int64) * stride_zt + i_h * P
-            b_z = tl.load(z + o_zrow[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
-            o_dzrow = i_b.to(tl.int64) * stride_dzb + o_t.to(tl.int64) * stride_dzt + i_h * P
-            b_dz = b_dy * b_y * _sigmoid(-b_z)
-            tl.store(dz + o_dzrow[:, None] + o_p[None, :], _to_store(b_dz, dz.dtype.element_ty, EMULATE), mask=m_tp)
-            b_do = b_dy * _sigmoid(b_z)
-            tl.store(do + o_row[:, None] + o_p[None, :], _to_store(b_do, do.dtype.element_ty, EMULATE), mask=m_tp)
-        else:
-            b_do = b_dy
-        b_lse = tl.load(lse + o_lse, mask=m_t, other=0.0)
-
-        b_q1, b_q2 = _load_halves(q, o_qrow, m_th, o_ph, m_ph, P // 2, False)
-        b_k1, b_k2 = _load_halves(k, o_row, m_t, o_ph, m_ph, P // 2, False)
-        b_q1, b_q2 = b_q1.to(tl.float32), b_q2.to(tl.float32)
-        b_k1, b_k2 = b_k1.to(tl.float32), b_k2.to(tl.float32)
-        b_v = tl.load(v + o_row[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
-        b_ds_own, b_p_own = _own_grads(b_q1, b_q2, b_k1, b_k2, b_v, b_do, b_lse, b_delta, qk_scale)
-        p_dk1 = dk + o_row[:, None] + o_ph[None, :]
-        tl.store(p_dk1, _to_store(b_ds_own[:, None] * b_q1 * scale, dk.dtype.element_ty, EMULATE), mask=m_tph)
-        tl.store(
-            p_dk1 + P // 2, _to_store(b_ds_own[:, None] * b_q2 * scale, dk.dtype.element_ty, EMULATE), mask=m_tph
-        )
-        p_dv = dv + o_row[:, None] + o_p[None, :]
-        tl.store(p_dv, _to_store(b_p_own[:, None] * b_do, dv.dtype.element_ty, EMULATE), mask=m_tp)
-        # The own term dS_own * k joins the accumulator in the rotated frame.
-        b_cosh, b_sinh = _load_rope(p_cos, p_sin, o_c, m_th, o_ph, m_ph, P // 2, ".ca")
-        b_own1, b_own2 = _rotate(b_ds_own[:, None] * b_k1, b_ds_own[:, None] * b_k2, b_cosh, b_sinh)
-        b_dqr1 += b_own1
-        b_dqr2 += b_own2
-
-        b_do_dot = _to_dot(b_do, DTYPE, EMULATE)
-        kr_h = kr + i_b.to(tl.int64) * C * H * P + i_h * P
-        v_h = v + i_h * P
-        b_dqr1, b_dqr2 = _bwd_dq_inner(
-            b_dqr1, b_dqr2, b_qr1, b_qr2, b_do_dot, b_lse, b_delta, o_c, kr_h, v_h, o_bt, 0, j_mid, n_keys,
-            L, qk_scale, H, P, BLOCK_N, BLOCK_P, BLOCK_PH, False, DOT_PRECISION, EMULATE,
-        )  # fmt: skip
-        b_dqr1, b_dqr2 = _bwd_dq_inner(
-            b_dqr1, b_dqr2, b_qr1, b_qr2, b_do_dot, b_lse, b_delta, o_c, kr_h, v_h, o_bt, j_mid, n_keys, n_keys,
-            L, qk_scale, H, P, BLOCK_N, BLOCK_P, BLOCK_PH, True, DOT_PRECISION, EMULATE,
-        )  # fmt: skip
+    kr_h = kr + i_b.to(tl.int64) * C * H * P + i_h * P
+    v_h = v + i_h * P
+    b_dqr1, b_dqr2 = _bwd_dq_inner(
+        b_dqr1, b_dqr2, b_qr1, b_qr2, b_do_dot, b_lse, b_delta, o_c, kr_h, v_h, o_bt, 0, j_mid, n_keys,
+        L, qk_scale, H, P, BLOCK_N, BLOCK_P, BLOCK_PH, False, DOT_PRECISION, EMULATE,
+    )  # fmt: skip
+    b_dqr1, b_dqr2 = _bwd_dq_inner(
+        b_dqr1, b_dqr2, b_qr1, b_qr2, b_do_dot, b_lse, b_delta, o_c, kr_h, v_h, o_bt, j_mid, n_keys, n_keys,
+        L, qk_scale, H, P, BLOCK_N, BLOCK_P, BLOCK_PH, True, DOT_PRECISION, EMULATE,
+    )  # fmt: skip
     b_cos, b_sin = _load_rope(p_cos, p_sin, o_c, m_t, o_ph, m_ph, P // 2, ".cg")
     b_dq1, b_dq2 = _rotate_back(b_dqr1, b_dqr2, b_cos, b_sin)
-    o_dqrow = i_b.to(tl.int64) * stride_dqb + o_t.to(tl.int64) * stride_dqt + i_g * P
+    o_dqrow = i_b.to(tl.int64) * stride_dqb + o_t.to(tl.int64) * stride_dqt + i_h * P
     p_dq1 = dq + o_dqrow[:, None] + o_ph[None, :]
     tl.store(p_dq1, _to_store(b_dq1 * scale, dq.dtype.element_ty, EMULATE), mask=m_tph)
     tl.store(p_dq1 + P // 2, _to_store(b_dq2 * scale, dq.dtype.element_ty, EMULATE), mask=m_tph)
@@ -837,13 +825,19 @@ def chunk_attention_bwd(
     cos, sin = _rope_tables(length, chunk_size, head_dim, rope_base, q.device)
     kr = _rotated_summaries(k, chunk_size, rope_base)
     options = _launch_options(q, k)
-    grid = (triton.cdiv(length, config_dq.block_m), batch * q.shape[2])
+    # Each head writes its own dq; a group's heads are summed after the kernel (a loop over the
+    # group's heads inside one program measured 2.5x slower at T = 4K: its live tiles spilled).
+    dq_heads = dq if q.shape[2] == heads else torch.empty_like(k, dtype=q.dtype)
+    grid = (triton.cdiv(length, config_dq.block_m), batch * heads)
     chunk_attention_bwd_kernel_dq[grid](
-        q, k, v, kr, z, y, dy, lse, delta, qr, do, dq, dk, dv, dz, cos, sin, length, chunks, chunk_size,
-        q.stride(0), q.stride(1), z.stride(0), z.stride(1), dq.stride(0), dq.stride(1), dz.stride(0), dz.stride(1),
+        q, k, v, kr, z, y, dy, lse, delta, qr, do, dq_heads, dk, dv, dz, cos, sin, length, chunks, chunk_size,
+        q.stride(0), q.stride(1), z.stride(0), z.stride(1), dq_heads.stride(0), dq_heads.stride(1), dz.stride(0),
+        dz.stride(1),
         scale, scale * _LOG2E, BLOCK_M=config_dq.block_m, BLOCK_N=config_dq.block_n, GATED=gate is not None,
         num_warps=config_dq.num_warps, num_stages=config_dq.num_stages, **options,
     )  # fmt: skip
+    if dq_heads is not dq:
+        dq.copy_(dq_heads.unflatten(2, (q.shape[2], -1)).sum(3))
     if chunks:
         grid = (triton.cdiv(chunks, config_dkv.block_n), batch * heads)
         chunk_attention_bwd_kernel_dkv[grid](
