@@ -49,11 +49,13 @@ def bench_layer(
     seq_lens: tuple[int, ...] = (4096, 16384, 65536, 131072),
     dtype: torch.dtype = torch.bfloat16,
     reference_max_len: int = 16384,
+    baselines: bool = True,
 ) -> list[dict]:
     """Time RAT (default backend), RAT reference under torch.compile, attention, and the floor parts.
 
     Args:
         reference_max_len: longest T at which the compiled reference is timed.
+        baselines: also time the attention layer and the compiled reference (else RAT and the floors).
 
     Returns:
         One dict per (T, variant) with ``fwd_bwd_ms`` and ``fwd_ms``.
@@ -65,9 +67,9 @@ def bench_layer(
         x = torch.randn(batch, length, d_model, device=device, dtype=dtype, requires_grad=True)
         rat = RAT(d_model, heads, groups, chunk_size).to(device, dtype)
         attention = Attention(d_model, heads).to(device, dtype)
-        variants: dict[str, torch.nn.Module] = {"rat": rat, "attention_sdpa": attention}
+        variants: dict[str, torch.nn.Module] = {"rat": rat, "attention_sdpa": attention} if baselines else {"rat": rat}
         # The reference materialises T x T/L scores: past 16K they no longer fit in memory.
-        if length <= reference_max_len:
+        if baselines and length <= reference_max_len:
             reference = RAT(d_model, heads, groups, chunk_size, backend="reference").to(device, dtype)
             reference.load_state_dict(rat.state_dict())
             variants["rat_reference_compiled"] = torch.compile(reference)
@@ -116,9 +118,11 @@ def bench_layer(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Print the table and write JSON to ``argv[0]`` if given."""
+    """Print the table and write JSON to ``argv[0]`` if given; ``--no-baselines`` times RAT and the floors only."""
     argv = sys.argv[1:] if argv is None else argv
-    rows = bench_layer()
+    baselines = "--no-baselines" not in argv
+    argv = [arg for arg in argv if arg != "--no-baselines"]
+    rows = bench_layer(baselines=baselines)
     for row in rows:
         fwd = row.get("fwd_ms", float("nan"))
         print(f"{row['T']:>7} {row['variant']:<26} fwd+bwd {row['fwd_bwd_ms']:8.2f} ms  fwd {fwd:8.2f} ms")
