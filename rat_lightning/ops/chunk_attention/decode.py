@@ -32,7 +32,8 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.jit import JITFunction
+
+from rat_lightning.ops.triton_common import col_mask, is_interpreted
 
 __all__ = [
     "CONFIGS",
@@ -71,14 +72,6 @@ CONFIGS = {
 # split gets (a split costs a q rotation, a partial write and a merge).
 _WARPS_PER_SM = 32
 _MIN_TILES_PER_SPLIT = 2
-
-
-@triton.jit
-def _col_mask(o_col, N: tl.constexpr, BLOCK: tl.constexpr):
-    """``o_col < N``; a constant where BLOCK == N (keeps loads along P vectorised)."""
-    if BLOCK == N:
-        return tl.full([BLOCK], 1, tl.int1)
-    return o_col < N
 
 
 @triton.jit
@@ -140,7 +133,7 @@ def chunk_attention_decode_kernel(
     i_b, i_h = i_bh // H, i_bh % H
     o_n = tl.arange(0, BLOCK_N)
     o_p = tl.arange(0, BLOCK_P)
-    m_p = _col_mask(o_p, P, BLOCK_P)
+    m_p = col_mask(o_p, P, BLOCK_P)
     # Rotate-half partner of channel p (p + P/2 or p - P/2) and its sign in the rotation.
     o_partner = tl.where(o_p < P // 2, o_p + P // 2, o_p - P // 2)
     sign = tl.where(o_p < P // 2, -1.0, 1.0)
@@ -212,7 +205,7 @@ def chunk_attention_decode_merge_kernel(
     o_s = tl.arange(0, BLOCK_S)
     m_s = o_s < n_splits
     o_p = tl.arange(0, BLOCK_P)
-    m_p = _col_mask(o_p, P, BLOCK_P)
+    m_p = col_mask(o_p, P, BLOCK_P)
     o_part = i_bh.to(tl.int64) * n_splits + o_s
     b_m = tl.load(m_part + o_part, mask=m_s, other=float("-inf"))
     # Split 0 holds the own term, so the max is finite; padded splits get weight exp2(-inf) = 0.
@@ -221,12 +214,6 @@ def chunk_attention_decode_merge_kernel(
     b_acc = tl.load(acc_part + o_part[:, None] * P + o_p[None, :], mask=m_s[:, None] & m_p[None, :], other=0.0)
     b_o = tl.sum(b_w[:, None] * b_acc, 0) / b_l
     tl.store(o + i_bh.to(tl.int64) * P + o_p, b_o, mask=m_p)
-
-
-def _is_interpreted() -> bool:
-    # The kernel was decorated for the interpreter (TRITON_INTERPRET=1 at import) if it is not a
-    # JITFunction; triton.knobs, the newer switch, is not in every supported Triton.
-    return not isinstance(chunk_attention_decode_kernel, JITFunction)
 
 
 _TURNS: dict[tuple[int, float, str], torch.Tensor] = {}
@@ -288,7 +275,7 @@ def _check_inputs(q, k_own, v_own, k_chunks, v_chunks) -> None:
         raise ValueError(f"the Triton decode kernel takes fp16, bf16 or fp32 tensors, got {dtypes}")
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {head_dim}; pick d_model / n_heads even")
-    if not q.is_cuda and not _is_interpreted():
+    if not q.is_cuda and not is_interpreted():
         raise ValueError(
             "the Triton decode kernel needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
             "imported, for tests on CPU); use backend='reference' or 'auto'"

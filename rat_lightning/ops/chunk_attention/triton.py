@@ -45,10 +45,10 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.jit import JITFunction
 
 from rat_lightning.ops.layout import check_output, rows_contiguous
 from rat_lightning.ops.rope import apply_rope, rope_angles
+from rat_lightning.ops.triton_common import col_mask, is_interpreted, to_dot, to_store
 
 __all__ = ["CONFIGS", "KernelConfig", "chunk_attention_bwd", "chunk_attention_fwd", "chunk_attention_triton"]
 
@@ -99,18 +99,6 @@ def _config(kernel: str, dtype: torch.dtype, chunks: int) -> KernelConfig:
 
 
 @triton.jit
-def _col_mask(o_col, N: tl.constexpr, BLOCK: tl.constexpr):
-    """``o_col < N`` over the head dim; a constant where BLOCK == N.
-
-    The compiler cannot tell that arange(0, N) < N always holds, and a mask that varies along
-    the contiguous dim stops it from vectorising the loads and stores.
-    """
-    if BLOCK == N:
-        return tl.full([BLOCK], 1, tl.int1)
-    return o_col < N
-
-
-@triton.jit
 def _load_halves(p_x, o_row, m_row, o_ph, m_ph, P_HALF: tl.constexpr, TRANSPOSE: tl.constexpr):
     """Rows ``o_row`` (element offsets) of x as two halves, (rows, BLOCK_PH) or transposed."""
     if TRANSPOSE:
@@ -145,36 +133,6 @@ def _rotate(b_x1, b_x2, b_cos, b_sin):
 def _rotate_back(b_g1, b_g2, b_cos, b_sin):
     """The transpose rotation (by the negative angle): RoPE's backward."""
     return b_g1 * b_cos + b_g2 * b_sin, b_g2 * b_cos - b_g1 * b_sin
-
-
-@triton.jit
-def _round_bf16(b_x):
-    """fp32 to the nearest bf16 value (ties to even), kept in fp32: bf16 rounding on the bits."""
-    b_bits = b_x.to(tl.uint32, bitcast=True)
-    b_bits = (b_bits + 0x7FFF + ((b_bits >> 16) & 1)) & 0xFFFF0000
-    return b_bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _to_dot(b_x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
-    """A tile as a dot operand of DTYPE; EMULATE: bf16-rounded values in fp32.
-
-    The Triton interpreter does not support bf16 arithmetic (its tl.dot multiplies the uint16
-    bit patterns) and its fp32 -> bf16 cast truncates instead of rounding to nearest, so under
-    TRITON_INTERPRET bf16 operands are rounded here and the dot runs in fp32: the same operand
-    values as the tensor-core path on a GPU.
-    """
-    if EMULATE:
-        return _round_bf16(b_x.to(tl.float32))
-    return b_x.to(DTYPE)
-
-
-@triton.jit
-def _to_store(b_x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
-    """An fp32 tile cast for a store; EMULATE: round to nearest first (the interpreter truncates)."""
-    if EMULATE:
-        b_x = _round_bf16(b_x)
-    return b_x.to(DTYPE)
 
 
 @triton.jit
@@ -214,15 +172,15 @@ def _fwd_inner(
     DTYPE = kr_h.dtype.element_ty
     o_p = tl.arange(0, BLOCK_P)
     o_ph = tl.arange(0, BLOCK_PH)
-    m_p = _col_mask(o_p, P, BLOCK_P)
-    m_ph = _col_mask(o_ph, P // 2, BLOCK_PH)
+    m_p = col_mask(o_p, P, BLOCK_P)
+    m_ph = col_mask(o_ph, P // 2, BLOCK_PH)
     for j0 in range(j_lo, j_hi, BLOCK_N):
         o_j = j0 + tl.arange(0, BLOCK_N)
         m_j = o_j < n_keys
         # Rotated summaries transposed (BLOCK_PH, BLOCK_N), so the score is a plain q @ k^T.
         b_krt1, b_krt2 = _load_halves(kr_h, o_j.to(tl.int64) * H * P, m_j, o_ph, m_ph, P // 2, True)
-        b_s = tl.dot(b_qr1, _to_dot(b_krt1, DTYPE, EMULATE), input_precision=DOT_PRECISION)
-        b_s = tl.dot(b_qr2, _to_dot(b_krt2, DTYPE, EMULATE), b_s, input_precision=DOT_PRECISION)
+        b_s = tl.dot(b_qr1, to_dot(b_krt1, DTYPE, EMULATE), input_precision=DOT_PRECISION)
+        b_s = tl.dot(b_qr2, to_dot(b_krt2, DTYPE, EMULATE), b_s, input_precision=DOT_PRECISION)
         b_s = b_s * qk_scale
         if CAUSAL:
             b_s = tl.where(o_j[None, :] < o_c[:, None], b_s, float("-inf"))
@@ -236,7 +194,7 @@ def _fwd_inner(
         b_v = tl.load(v_h + o_vrow[:, None] + o_p[None, :], mask=m_j[:, None] & m_p[None, :], other=0.0)
         b_acc = b_acc * b_alpha[:, None]
         b_acc = tl.dot(
-            _to_dot(b_p, DTYPE, EMULATE), _to_dot(b_v, DTYPE, EMULATE), b_acc, input_precision=DOT_PRECISION
+            to_dot(b_p, DTYPE, EMULATE), to_dot(b_v, DTYPE, EMULATE), b_acc, input_precision=DOT_PRECISION
         )
         b_m = b_m_new
     return b_m, b_l, b_acc
@@ -293,8 +251,8 @@ def chunk_attention_fwd_kernel(
     m_t = o_t < T
     o_p = tl.arange(0, BLOCK_P)
     o_ph = tl.arange(0, BLOCK_PH)
-    m_p = _col_mask(o_p, P, BLOCK_P)
-    m_ph = _col_mask(o_ph, P // 2, BLOCK_PH)
+    m_p = col_mask(o_p, P, BLOCK_P)
+    m_ph = col_mask(o_ph, P // 2, BLOCK_PH)
     # int64: (b * T + t) * H * P passes 2^31 at a few billion elements.
     o_bt = i_b.to(tl.int64) * T
     o_row = ((o_bt + o_t) * H + i_h) * P
@@ -312,8 +270,8 @@ def chunk_attention_fwd_kernel(
     o_c = o_t // L
     b_cos, b_sin = _load_rope(p_cos, p_sin, o_c, m_t, o_ph, m_ph, P // 2, "")
     b_qr1, b_qr2 = _rotate(b_q1, b_q2, b_cos, b_sin)
-    b_qr1 = _to_dot(b_qr1, DTYPE, EMULATE)
-    b_qr2 = _to_dot(b_qr2, DTYPE, EMULATE)
+    b_qr1 = to_dot(b_qr1, DTYPE, EMULATE)
+    b_qr2 = to_dot(b_qr2, DTYPE, EMULATE)
 
     # Every row sees j < c_first; some row sees j < n_keys (the chunk of the tile's last row).
     c_first = (i_m * BLOCK_M) // L
@@ -335,7 +293,7 @@ def chunk_attention_fwd_kernel(
         o_zrow = i_b.to(tl.int64) * stride_zb + o_t.to(tl.int64) * stride_zt + i_h * P
         b_z = tl.load(z + o_zrow[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
         b_y = b_y * _sigmoid(b_z)
-    tl.store(y + o_row[:, None] + o_p[None, :], _to_store(b_y, y.dtype.element_ty, EMULATE), mask=m_tp)
+    tl.store(y + o_row[:, None] + o_p[None, :], to_store(b_y, y.dtype.element_ty, EMULATE), mask=m_tp)
     tl.store(lse + i_bh.to(tl.int64) * T + o_t, b_m + tl.log2(b_l), mask=m_t)
 
 
@@ -370,14 +328,14 @@ def _bwd_dq_inner(
     DTYPE = kr_h.dtype.element_ty
     o_p = tl.arange(0, BLOCK_P)
     o_ph = tl.arange(0, BLOCK_PH)
-    m_p = _col_mask(o_p, P, BLOCK_P)
-    m_ph = _col_mask(o_ph, P // 2, BLOCK_PH)
+    m_p = col_mask(o_p, P, BLOCK_P)
+    m_ph = col_mask(o_ph, P // 2, BLOCK_PH)
     for j0 in range(j_lo, j_hi, BLOCK_N):
         o_j = j0 + tl.arange(0, BLOCK_N)
         m_j = o_j < n_keys
         b_kr1, b_kr2 = _load_halves(kr_h, o_j.to(tl.int64) * H * P, m_j, o_ph, m_ph, P // 2, False)
-        b_kr1 = _to_dot(b_kr1, DTYPE, EMULATE)
-        b_kr2 = _to_dot(b_kr2, DTYPE, EMULATE)
+        b_kr1 = to_dot(b_kr1, DTYPE, EMULATE)
+        b_kr2 = to_dot(b_kr2, DTYPE, EMULATE)
         b_s = tl.dot(b_qr1, tl.trans(b_kr1), input_precision=DOT_PRECISION)
         b_s = tl.dot(b_qr2, tl.trans(b_kr2), b_s, input_precision=DOT_PRECISION)
         b_s = b_s * qk_scale
@@ -386,8 +344,8 @@ def _bwd_dq_inner(
         b_p = tl.exp2(b_s - b_lse[:, None])
         o_vrow = (o_bt + o_j * L + L - 1) * H * P
         b_v = tl.load(v_h + o_vrow[:, None] + o_p[None, :], mask=m_j[:, None] & m_p[None, :], other=0.0)
-        b_dp = tl.dot(b_do, tl.trans(_to_dot(b_v, DTYPE, EMULATE)), input_precision=DOT_PRECISION)
-        b_ds = _to_dot(b_p * (b_dp - b_delta[:, None]), DTYPE, EMULATE)
+        b_dp = tl.dot(b_do, tl.trans(to_dot(b_v, DTYPE, EMULATE)), input_precision=DOT_PRECISION)
+        b_ds = to_dot(b_p * (b_dp - b_delta[:, None]), DTYPE, EMULATE)
         b_dqr1 = tl.dot(b_ds, b_kr1, b_dqr1, input_precision=DOT_PRECISION)
         b_dqr2 = tl.dot(b_ds, b_kr2, b_dqr2, input_precision=DOT_PRECISION)
     return b_dqr1, b_dqr2
@@ -455,8 +413,8 @@ def chunk_attention_bwd_kernel_dq(
     m_t = o_t < T
     o_p = tl.arange(0, BLOCK_P)
     o_ph = tl.arange(0, BLOCK_PH)
-    m_p = _col_mask(o_p, P, BLOCK_P)
-    m_ph = _col_mask(o_ph, P // 2, BLOCK_PH)
+    m_p = col_mask(o_p, P, BLOCK_P)
+    m_ph = col_mask(o_ph, P // 2, BLOCK_PH)
     o_bt = i_b.to(tl.int64) * T
     o_row = ((o_bt + o_t) * H + i_h) * P
     o_qrow = i_b.to(tl.int64) * stride_qb + o_t.to(tl.int64) * stride_qt + i_g * P
@@ -473,9 +431,9 @@ def chunk_attention_bwd_kernel_dq(
         b_z = tl.load(z + o_zrow[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
         o_dzrow = i_b.to(tl.int64) * stride_dzb + o_t.to(tl.int64) * stride_dzt + i_h * P
         b_dz = b_dy * b_y * _sigmoid(-b_z)
-        tl.store(dz + o_dzrow[:, None] + o_p[None, :], _to_store(b_dz, dz.dtype.element_ty, EMULATE), mask=m_tp)
+        tl.store(dz + o_dzrow[:, None] + o_p[None, :], to_store(b_dz, dz.dtype.element_ty, EMULATE), mask=m_tp)
         b_do = b_dy * _sigmoid(b_z)
-        tl.store(do + o_row[:, None] + o_p[None, :], _to_store(b_do, do.dtype.element_ty, EMULATE), mask=m_tp)
+        tl.store(do + o_row[:, None] + o_p[None, :], to_store(b_do, do.dtype.element_ty, EMULATE), mask=m_tp)
     else:
         b_do = b_dy
     b_lse = tl.load(lse + o_lse, mask=m_t, other=0.0)
@@ -487,21 +445,21 @@ def chunk_attention_bwd_kernel_dq(
     b_v = tl.load(v + o_row[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
     b_ds_own, b_p_own = _own_grads(b_q1, b_q2, b_k1, b_k2, b_v, b_do, b_lse, b_delta, qk_scale)
     p_dk1 = dk + o_row[:, None] + o_ph[None, :]
-    tl.store(p_dk1, _to_store(b_ds_own[:, None] * b_q1 * scale, dk.dtype.element_ty, EMULATE), mask=m_tph)
-    tl.store(p_dk1 + P // 2, _to_store(b_ds_own[:, None] * b_q2 * scale, dk.dtype.element_ty, EMULATE), mask=m_tph)
+    tl.store(p_dk1, to_store(b_ds_own[:, None] * b_q1 * scale, dk.dtype.element_ty, EMULATE), mask=m_tph)
+    tl.store(p_dk1 + P // 2, to_store(b_ds_own[:, None] * b_q2 * scale, dk.dtype.element_ty, EMULATE), mask=m_tph)
     p_dv = dv + o_row[:, None] + o_p[None, :]
-    tl.store(p_dv, _to_store(b_p_own[:, None] * b_do, dv.dtype.element_ty, EMULATE), mask=m_tp)
+    tl.store(p_dv, to_store(b_p_own[:, None] * b_do, dv.dtype.element_ty, EMULATE), mask=m_tp)
 
     o_c = o_t // L
     b_cos, b_sin = _load_rope(p_cos, p_sin, o_c, m_t, o_ph, m_ph, P // 2, "")
     b_qr1, b_qr2 = _rotate(b_q1, b_q2, b_cos, b_sin)
-    b_qr1 = _to_dot(b_qr1, DTYPE, EMULATE)
-    b_qr2 = _to_dot(b_qr2, DTYPE, EMULATE)
+    b_qr1 = to_dot(b_qr1, DTYPE, EMULATE)
+    b_qr2 = to_dot(b_qr2, DTYPE, EMULATE)
     if i_h % HPG == 0:
         p_qr1 = qr + ((o_bt + o_t) * G + i_g)[:, None] * P + o_ph[None, :]
-        tl.store(p_qr1, _to_store(b_qr1, qr.dtype.element_ty, EMULATE), mask=m_tph)
-        tl.store(p_qr1 + P // 2, _to_store(b_qr2, qr.dtype.element_ty, EMULATE), mask=m_tph)
-    b_do_dot = _to_dot(b_do, DTYPE, EMULATE)
+        tl.store(p_qr1, to_store(b_qr1, qr.dtype.element_ty, EMULATE), mask=m_tph)
+        tl.store(p_qr1 + P // 2, to_store(b_qr2, qr.dtype.element_ty, EMULATE), mask=m_tph)
+    b_do_dot = to_dot(b_do, DTYPE, EMULATE)
     # The own term dS_own * k joins the accumulator in the rotated frame (rotated forward here,
     # back with the rest after the loop), so k, cos and sin need not stay live across the loop.
     b_dqr1, b_dqr2 = _rotate(b_ds_own[:, None] * b_k1, b_ds_own[:, None] * b_k2, b_cos, b_sin)
@@ -523,8 +481,8 @@ def chunk_attention_bwd_kernel_dq(
     b_dq1, b_dq2 = _rotate_back(b_dqr1, b_dqr2, b_cos, b_sin)
     o_dqrow = i_b.to(tl.int64) * stride_dqb + o_t.to(tl.int64) * stride_dqt + i_h * P
     p_dq1 = dq + o_dqrow[:, None] + o_ph[None, :]
-    tl.store(p_dq1, _to_store(b_dq1 * scale, dq.dtype.element_ty, EMULATE), mask=m_tph)
-    tl.store(p_dq1 + P // 2, _to_store(b_dq2 * scale, dq.dtype.element_ty, EMULATE), mask=m_tph)
+    tl.store(p_dq1, to_store(b_dq1 * scale, dq.dtype.element_ty, EMULATE), mask=m_tph)
+    tl.store(p_dq1 + P // 2, to_store(b_dq2 * scale, dq.dtype.element_ty, EMULATE), mask=m_tph)
 
 
 @triton.jit
@@ -561,18 +519,18 @@ def _bwd_dkv_inner(
     DTYPE = qr_g.dtype.element_ty
     o_p = tl.arange(0, BLOCK_P)
     o_ph = tl.arange(0, BLOCK_PH)
-    m_p = _col_mask(o_p, P, BLOCK_P)
-    m_ph = _col_mask(o_ph, P // 2, BLOCK_PH)
+    m_p = col_mask(o_p, P, BLOCK_P)
+    m_ph = col_mask(o_ph, P // 2, BLOCK_PH)
     for t0 in range(t_lo, t_hi, BLOCK_M):
         o_t = t0 + tl.arange(0, BLOCK_M)
         m_t = o_t < T
         # Rotated queries (B, T, G, P) transposed (BLOCK_PH, BLOCK_M): scores come out key-major.
         b_qrt1, b_qrt2 = _load_halves(qr_g, (o_bt + o_t) * G * P, m_t, o_ph, m_ph, P // 2, True)
-        b_qrt1 = _to_dot(b_qrt1, DTYPE, EMULATE)
-        b_qrt2 = _to_dot(b_qrt2, DTYPE, EMULATE)
+        b_qrt1 = to_dot(b_qrt1, DTYPE, EMULATE)
+        b_qrt2 = to_dot(b_qrt2, DTYPE, EMULATE)
         o_dorow = (o_bt + o_t) * H * P
         b_do = tl.load(do_h + o_dorow[:, None] + o_p[None, :], mask=m_t[:, None] & m_p[None, :], other=0.0)
-        b_do = _to_dot(b_do, DTYPE, EMULATE)
+        b_do = to_dot(b_do, DTYPE, EMULATE)
         # lse = +inf past T: p = 0 there, so rows past the end add nothing.
         b_lse = tl.load(lse + o_bht + o_t, mask=m_t, other=float("inf"))
         b_delta = tl.load(delta + o_bht + o_t, mask=m_t, other=0.0)
@@ -582,9 +540,9 @@ def _bwd_dkv_inner(
         if CAUSAL:
             b_st = tl.where(o_j[:, None] < (o_t // L)[None, :], b_st, float("-inf"))
         b_pt = tl.exp2(b_st - b_lse[None, :])
-        b_dv = tl.dot(_to_dot(b_pt, DTYPE, EMULATE), b_do, b_dv, input_precision=DOT_PRECISION)
+        b_dv = tl.dot(to_dot(b_pt, DTYPE, EMULATE), b_do, b_dv, input_precision=DOT_PRECISION)
         b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
-        b_dst = _to_dot(b_pt * (b_dpt - b_delta[None, :]), DTYPE, EMULATE)
+        b_dst = to_dot(b_pt * (b_dpt - b_delta[None, :]), DTYPE, EMULATE)
         b_dkr1 = tl.dot(b_dst, tl.trans(b_qrt1), b_dkr1, input_precision=DOT_PRECISION)
         b_dkr2 = tl.dot(b_dst, tl.trans(b_qrt2), b_dkr2, input_precision=DOT_PRECISION)
     return b_dkr1, b_dkr2, b_dv
@@ -635,8 +593,8 @@ def chunk_attention_bwd_kernel_dkv(
     m_j = o_j < C
     o_p = tl.arange(0, BLOCK_P)
     o_ph = tl.arange(0, BLOCK_PH)
-    m_p = _col_mask(o_p, P, BLOCK_P)
-    m_ph = _col_mask(o_ph, P // 2, BLOCK_PH)
+    m_p = col_mask(o_p, P, BLOCK_P)
+    m_ph = col_mask(o_ph, P // 2, BLOCK_PH)
     o_bt = i_b.to(tl.int64) * T
     o_bht = i_bh.to(tl.int64) * T
     o_r = o_j * L + L - 1
@@ -662,9 +620,9 @@ def chunk_attention_bwd_kernel_dkv(
     b_dkr1, b_dkr2 = _rotate(b_ds_own[:, None] * b_q1, b_ds_own[:, None] * b_q2, b_cos, b_sin)
     o_kr = ((i_b.to(tl.int64) * C + o_j) * H + i_h) * P
     b_kr1, b_kr2 = _load_halves(kr, o_kr, m_j, o_ph, m_ph, P // 2, False)
-    b_kr1 = _to_dot(b_kr1, DTYPE, EMULATE)
-    b_kr2 = _to_dot(b_kr2, DTYPE, EMULATE)
-    b_v = _to_dot(b_v, DTYPE, EMULATE)
+    b_kr1 = to_dot(b_kr1, DTYPE, EMULATE)
+    b_kr2 = to_dot(b_kr2, DTYPE, EMULATE)
+    b_v = to_dot(b_v, DTYPE, EMULATE)
 
     # Queries that see key j: t >= (j + 1) L. Rows from (j0 + BLOCK_N) L on see the whole tile.
     t_lo = (i_n * BLOCK_N + 1) * L
@@ -682,9 +640,9 @@ def chunk_attention_bwd_kernel_dkv(
     b_cos, b_sin = _load_rope(p_cos, p_sin, o_j, m_j, o_ph, m_ph, P // 2, ".cg")
     b_dk1, b_dk2 = _rotate_back(b_dkr1, b_dkr2, b_cos, b_sin)
     p_dk1 = dk + o_krow[:, None] + o_ph[None, :]
-    tl.store(p_dk1, _to_store(b_dk1 * scale, dk.dtype.element_ty, EMULATE), mask=m_jph)
-    tl.store(p_dk1 + P // 2, _to_store(b_dk2 * scale, dk.dtype.element_ty, EMULATE), mask=m_jph)
-    tl.store(dv + o_krow[:, None] + o_p[None, :], _to_store(b_dv, dv.dtype.element_ty, EMULATE), mask=m_jp)
+    tl.store(p_dk1, to_store(b_dk1 * scale, dk.dtype.element_ty, EMULATE), mask=m_jph)
+    tl.store(p_dk1 + P // 2, to_store(b_dk2 * scale, dk.dtype.element_ty, EMULATE), mask=m_jph)
+    tl.store(dv + o_krow[:, None] + o_p[None, :], to_store(b_dv, dv.dtype.element_ty, EMULATE), mask=m_jp)
 
 
 def _rope_tables(length: int, chunk_size: int, head_dim: int, base: float, device: torch.device):
@@ -723,9 +681,7 @@ def _launch_options(q: torch.Tensor, k: torch.Tensor) -> dict:
         # fp32 dots follow torch's matmul setting: IEEE fp32 unless tf32 is allowed
         # (torch.set_float32_matmul_precision("high")); fp16 / bf16 dots ignore it.
         "DOT_PRECISION": "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",
-        # The kernels were decorated for the interpreter (TRITON_INTERPRET=1 at import) if they are
-        # not JITFunctions; triton.knobs, the newer switch, is not in every supported Triton.
-        "EMULATE": not isinstance(chunk_attention_fwd_kernel, JITFunction) and q.dtype == torch.bfloat16,
+        "EMULATE": is_interpreted() and q.dtype == torch.bfloat16,
     }
 
 

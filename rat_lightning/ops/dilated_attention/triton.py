@@ -30,7 +30,8 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.jit import JITFunction
+
+from rat_lightning.ops.triton_common import is_interpreted, to_dot, to_store
 
 __all__ = [
     "CONFIGS",
@@ -71,38 +72,6 @@ CONFIGS = {
     "fwd": KernelConfig(128, 32, 4, 3),
     "fwd_fp32": KernelConfig(64, 32, 4, 1),
 }
-
-
-@triton.jit
-def _round_bf16(b_x):
-    """fp32 to the nearest bf16 value (ties to even), kept in fp32: bf16 rounding on the bits."""
-    b_bits = b_x.to(tl.uint32, bitcast=True)
-    b_bits = (b_bits + 0x7FFF + ((b_bits >> 16) & 1)) & 0xFFFF0000
-    return b_bits.to(tl.float32, bitcast=True)
-
-
-# _to_dot / _to_store mirror the helpers of rat_lightning.ops.chunk_attention.triton (kept local so
-# that this module does not depend on another op's private names).
-@triton.jit
-def _to_dot(b_x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
-    """A tile as a dot operand of DTYPE; EMULATE: bf16-rounded values in fp32.
-
-    The Triton interpreter does not support bf16 arithmetic (its tl.dot multiplies the uint16
-    bit patterns) and its fp32 -> bf16 cast truncates instead of rounding to nearest, so under
-    TRITON_INTERPRET bf16 operands are rounded here and the dot runs in fp32: the same operand
-    values as the tensor-core path on a GPU.
-    """
-    if EMULATE:
-        return _round_bf16(b_x.to(tl.float32))
-    return b_x.to(DTYPE)
-
-
-@triton.jit
-def _to_store(b_x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
-    """An fp32 tile cast for a store; EMULATE: round to nearest first (the interpreter truncates)."""
-    if EMULATE:
-        b_x = _round_bf16(b_x)
-    return b_x.to(DTYPE)
 
 
 @triton.jit
@@ -153,7 +122,7 @@ def _attend(
             b_kt = tl.load(p_kt, mask=m_n[None, :], other=0.0)
         else:
             b_kt = tl.load(p_kt)
-        b_s = tl.dot(b_q, _to_dot(b_kt, DTYPE, EMULATE), input_precision=DOT_PRECISION) * qk_scale
+        b_s = tl.dot(b_q, to_dot(b_kt, DTYPE, EMULATE), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
             distance = o_t[:, None] - o_j[None, :]
             if PART == _WINDOW:  # window: 1 <= t - j <= W (the diagonal has its own term)
@@ -173,7 +142,7 @@ def _attend(
         else:
             b_v = tl.load(p_v)
         b_acc = b_acc * b_alpha[:, None]
-        b_acc = tl.dot(_to_dot(b_p, DTYPE, EMULATE), _to_dot(b_v, DTYPE, EMULATE), b_acc, input_precision=DOT_PRECISION)
+        b_acc = tl.dot(to_dot(b_p, DTYPE, EMULATE), to_dot(b_v, DTYPE, EMULATE), b_acc, input_precision=DOT_PRECISION)
         b_m = b_m_new
     return b_m, b_l, b_acc
 
@@ -239,7 +208,7 @@ def dilated_attention_fwd_kernel(
     b_l = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     b_acc = tl.load(v_bh + o_tk[:, None] * stride_vt + o_p[None, :] * stride_vp, mask=m_t[:, None], other=0.0)
     b_acc = b_acc.to(tl.float32)
-    b_q = _to_dot(b_q, DTYPE, EMULATE)
+    b_q = to_dot(b_q, DTYPE, EMULATE)
 
     # Dilated part: row t sees n < (t - W) // D (j = nD + D - 1 < t - W); every row of the
     # block sees n < n_all, some row sees n < n_any.
@@ -286,14 +255,8 @@ def dilated_attention_fwd_kernel(
     # o contiguous (B, T, H, P); lse (B, H, T).
     o_orow = ((i_b.to(tl.int64) * T + o_tk) * H + i_h) * P
     b_o = b_acc / b_l[:, None]
-    tl.store(o + o_orow[:, None] + o_p[None, :], _to_store(b_o, o.dtype.element_ty, EMULATE), mask=m_t[:, None])
+    tl.store(o + o_orow[:, None] + o_p[None, :], to_store(b_o, o.dtype.element_ty, EMULATE), mask=m_t[:, None])
     tl.store(lse + i_bh.to(tl.int64) * T + o_t, b_m + tl.log2(b_l), mask=m_t)
-
-
-def _is_interpreted() -> bool:
-    # The kernel was decorated for the interpreter (TRITON_INTERPRET=1 at import) if it is not a
-    # JITFunction; triton.knobs, the newer switch, is not in every supported Triton.
-    return not isinstance(dilated_attention_fwd_kernel, JITFunction)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -312,7 +275,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             f"the Triton kernel needs head_dim in {SUPPORTED_HEAD_DIMS} (a power of two, one tl.dot tile), "
             f"got {q.shape[-1]}; use backend='reference' or pick d_model / n_heads accordingly"
         )
-    if not q.is_cuda and not _is_interpreted():
+    if not q.is_cuda and not is_interpreted():
         raise ValueError(
             "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, "
             "for tests on CPU); use backend='reference' or 'auto'"
@@ -359,7 +322,7 @@ def dilated_attention_fwd(
         # fp32 dots follow torch's matmul setting: IEEE fp32 unless tf32 is allowed
         # (torch.set_float32_matmul_precision("high")); fp16 / bf16 dots ignore it.
         DOT_PRECISION="tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",
-        EMULATE=_is_interpreted() and q.dtype == torch.bfloat16,
+        EMULATE=is_interpreted() and q.dtype == torch.bfloat16,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return o, lse

@@ -36,17 +36,12 @@ fake implementations and registered autograd, so torch.compile sees opaque calls
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from rat_lightning.ops.layout import check_output, rows_contiguous
-
-# Kernels are interpreted (on CPU tensors) when TRITON_INTERPRET=1 was set before this import:
-# triton reads it when `triton.jit` decorates them.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+from rat_lightning.ops.triton_common import is_interpreted
 
 # Time block of the full-sequence scan (tokens per block in passes 1 and 3).
 FULL_SEQUENCE_BLOCK = 64
@@ -449,7 +444,7 @@ def _tiles(heads: int, dim: int, heads_per_group: int) -> dict:
 
 
 def _check_device(x: torch.Tensor) -> None:
-    if not x.is_cuda and not INTERPRETED:
+    if not x.is_cuda and not is_interpreted():
         raise ValueError(
             "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, "
             "for tests on CPU); use backend='reference' or 'auto'"
