@@ -3,6 +3,7 @@ of whether the kernels run interpreted."""
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
@@ -57,3 +58,17 @@ def is_interpreted() -> bool:
     switch, is not in every supported Triton.
     """
     return not isinstance(round_bf16, JITFunction)
+
+
+def check_device(x: torch.Tensor, kernel: str = "backend='triton'") -> None:
+    """Raise ValueError unless ``x`` is on CUDA or the kernels run interpreted (tests on CPU).
+
+    Args:
+        x: an input of the kernel.
+        kernel: how the message names what needs the GPU.
+    """
+    if not x.is_cuda and not is_interpreted():
+        raise ValueError(
+            f"{kernel} needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, for tests on "
+            "CPU); use backend='reference' or 'auto'"
+        )

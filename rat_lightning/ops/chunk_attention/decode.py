@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rat_lightning.ops.triton_common import col_mask, is_interpreted
+from rat_lightning.ops.triton_common import check_device, col_mask
 
 __all__ = [
     "CONFIGS",
@@ -275,11 +275,7 @@ def _check_inputs(q, k_own, v_own, k_chunks, v_chunks) -> None:
         raise ValueError(f"the Triton decode kernel takes fp16, bf16 or fp32 tensors, got {dtypes}")
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {head_dim}; pick d_model / n_heads even")
-    if not q.is_cuda and not is_interpreted():
-        raise ValueError(
-            "the Triton decode kernel needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
-            "imported, for tests on CPU); use backend='reference' or 'auto'"
-        )
+    check_device(q, "the Triton decode kernel")
 
 
 def chunk_attention_decode(

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rat_lightning.ops.triton_common import is_interpreted, to_dot, to_store
+from rat_lightning.ops.triton_common import check_device, is_interpreted, to_dot, to_store
 
 __all__ = [
     "CONFIGS",
@@ -275,11 +275,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             f"the Triton kernel needs head_dim in {SUPPORTED_HEAD_DIMS} (a power of two, one tl.dot tile), "
             f"got {q.shape[-1]}; use backend='reference' or pick d_model / n_heads accordingly"
         )
-    if not q.is_cuda and not is_interpreted():
-        raise ValueError(
-            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, "
-            "for tests on CPU); use backend='reference' or 'auto'"
-        )
+    check_device(q)
 
 
 def dilated_attention_fwd(

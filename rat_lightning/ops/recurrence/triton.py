@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from rat_lightning.ops.layout import check_output, rows_contiguous
-from rat_lightning.ops.triton_common import is_interpreted
+from rat_lightning.ops.triton_common import check_device
 
 # Time block of the full-sequence scan (tokens per block in passes 1 and 3).
 FULL_SEQUENCE_BLOCK = 64
@@ -443,14 +443,6 @@ def _tiles(heads: int, dim: int, heads_per_group: int) -> dict:
     return {"BH": bh, "BP": bp, "NC": 1, "NPB": triton.cdiv(dim, bp), "num_warps": 4}
 
 
-def _check_device(x: torch.Tensor) -> None:
-    if not x.is_cuda and not is_interpreted():
-        raise ValueError(
-            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, "
-            "for tests on CPU); use backend='reference' or 'auto'"
-        )
-
-
 def _effective_chunk(chunk_size: int | None, length: int) -> int | None:
     # A chunk that holds the whole sequence never restarts: the full-sequence scan is parallel
     # over time blocks, the restart form would run each sequence in one program.
@@ -515,7 +507,7 @@ def recurrence_fwd(
     Returns:
         ``(sx, sk)`` contiguous ``(B, T, H, P)`` in x's dtype; sk None when k is None.
     """
-    _check_device(x)
+    check_device(x)
     chunk_size = _effective_chunk(chunk_size, x.shape[1])
     x, g = rows_contiguous(x), rows_contiguous(g)
     k = rows_contiguous(k) if k is not None else None
@@ -582,7 +574,7 @@ def recurrence_bwd(
         ``(dx, dg, dk, dbias, dsx0, dsk0)`` in the dtypes of their inputs; dk is ``(B, T, G, P)``
         (summed over the H/G heads of each group); entries are None where the input is None.
     """
-    _check_device(x)
+    check_device(x)
     chunk_size = _effective_chunk(chunk_size, x.shape[1])
     x, g = rows_contiguous(x), rows_contiguous(g)
     k = rows_contiguous(k) if k is not None else None
