@@ -3,11 +3,12 @@
     python -m rat_lightning.bench.kernel_report
 
 Builds each kernel (bf16, P = 128, 16 heads in 2 query groups, gated) at its :data:`CONFIGS`
-tiles for sm_90 through Triton's full pipeline, then runs the ptxas that ships with Triton for
-its register and spill report (when that ptxas reads Triton's PTX version). It needs no GPU, so
-CI runs it too: a kernel that the interpreter runs but the compiler rejects (a loop-carried
-variable that changes type, say) fails here. Counts are for this machine's Triton; the GPU
-image's may differ.
+tiles, with pointer and with TMA loads, for sm_90 through Triton's full pipeline, with the
+16-byte alignment the JIT finds at the benchmark shape, then runs the ptxas that ships with
+Triton for its register and spill report (when that ptxas reads Triton's PTX version). It needs
+no GPU, so CI runs it too: a kernel that the interpreter runs but the compiler rejects (a
+loop-carried variable that changes type, say) fails here. Counts are for this machine's Triton;
+the GPU image's may differ.
 """
 
 from __future__ import annotations
@@ -37,6 +38,15 @@ def _signature(arg_names: list[str], constexprs: dict) -> dict[str, str]:
         else:
             types[name] = "*bf16"
     return types
+
+
+def _aligned(signature: dict[str, str]) -> dict:
+    """The 16-divisibility the JIT finds at the benchmark shape: every pointer, and every integer
+    (T, C, L and the strides are multiples of 16 there). Without it the compiler cannot prove the
+    rows contiguous and aligned, loads one element per instruction, and reports spills that the
+    launched kernels do not have."""
+    kinds = signature.values()
+    return {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(kinds) if kind not in ("constexpr", "fp32")}
 
 
 def _ptxas_report(ptx: str) -> str:
@@ -79,15 +89,19 @@ def compile_kernels() -> list[tuple[str, str]]:
         if config_name.endswith("fp32"):
             continue
         kernel = launches[kernel_name]
-        constexprs = {**base, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n}
-        if "GATED" in kernel.arg_names:
-            constexprs["GATED"] = True
-        source = ASTSource(fn=kernel, signature=_signature(kernel.arg_names, constexprs), constexprs=constexprs)
-        compiled = triton.compile(
-            source, target=GPUTarget("cuda", 90, 32),
-            options={"num_warps": config.num_warps, "num_stages": config.num_stages},
-        )  # fmt: skip
-        rows.append((f"{config_name} {tuple(config)}", _ptxas_report(compiled.asm["ptx"])))
+        # Both load paths at every tile: a config may switch TMA on after the next sweep.
+        for tma in (False, True):
+            constexprs = {**base, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "TMA": tma}
+            if "GATED" in kernel.arg_names:
+                constexprs["GATED"] = True
+            signature = _signature(kernel.arg_names, constexprs)
+            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=_aligned(signature))
+            compiled = triton.compile(
+                source, target=GPUTarget("cuda", 90, 32),
+                options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+            )  # fmt: skip
+            tiles = tuple(config._replace(tma=tma))
+            rows.append((f"{config_name} {tiles}", _ptxas_report(compiled.asm["ptx"])))
     return rows
 
 

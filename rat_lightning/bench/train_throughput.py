@@ -1,11 +1,15 @@
 """Model-level training throughput and MFU on one GPU: the 1.3B RAT and attention models.
 
     python -m rat_lightning.bench.train_throughput out.json [--mixers rat attention] [--modes eager compile]
+        [--profile]
 
 Each model trains on random tokens at seq 4096 in bf16 autocast with fp32 master weights and
-fused AdamW (the optimizer step included in the time), eager and under torch.compile, at the
-largest batch of (8, 4, 2, 1) that fits. MFU = FLOPs per token (``model.flops_per_token``,
-which counts attention and the recurrence, not 6N alone) x tokens/s / dense bf16 peak.
+fused AdamW (the optimizer step included in the time), eager and under torch.compile (the model
+and the loss compiled apart, as ``LanguageModelModule(compile=True)`` does), at the largest batch
+of (8, 4, 2, 1) that fits. ``--profile`` adds each configuration's CUDA time per step by kernel
+group (GEMMs, our kernels, torch.compile's fused kernels, optimizer, loss, glue).
+MFU = FLOPs per token (``model.flops_per_token``, which counts attention and the recurrence, not
+6N alone) x tokens/s / dense bf16 peak.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ import argparse
 import json
 
 import torch
-import torch.nn.functional as F
 
+from rat_lightning.bench.layer_profile import group_totals, profile_kernels
 from rat_lightning.model import ModelConfig, RATLanguageModel
+from rat_lightning.model.loss import cross_entropy_sum
 
 # Dense (not sparse) bf16 tensor peaks; the H100 SXM's is the datasheet's 989 TFLOP/s.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
@@ -27,8 +32,9 @@ def _peak() -> float:
     return next((v for k, v in PEAK_BF16.items() if k in name), 989e12)
 
 
-def measure(mixer: str, seq_len: int = 4096, compile: bool = False, steps: int = 8) -> dict:
-    """Tokens/s and MFU of one training configuration, at the largest batch that fits."""
+def measure(mixer: str, seq_len: int = 4096, compile: bool = False, steps: int = 8, profile: bool = False) -> dict:
+    """Tokens/s and MFU of one training configuration, at the largest batch that fits; with
+    ``profile``, also ``"profile_ms"``: CUDA milliseconds per step by kernel group."""
     config = ModelConfig(
         vocab_size=32000, d_model=2048, n_layers=24, n_heads=16, n_groups=2, chunk_size=16, mixer=mixer,
         max_seq_len=seq_len,
@@ -38,12 +44,13 @@ def measure(mixer: str, seq_len: int = 4096, compile: bool = False, steps: int =
             model = RATLanguageModel(config).cuda()
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
             step_model = torch.compile(model) if compile else model
+            loss_sum = torch.compile(cross_entropy_sum) if compile else cross_entropy_sum
             ids = torch.randint(0, 32000, (batch, seq_len + 1), device="cuda")
 
             def step() -> None:
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     logits = step_model(ids[:, :-1])
-                F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()).backward()
+                (loss_sum(logits, ids[:, 1:]) / ids[:, 1:].numel()).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
@@ -60,17 +67,18 @@ def measure(mixer: str, seq_len: int = 4096, compile: bool = False, steps: int =
             seconds = sorted(times)[len(times) // 2]
             tokens_per_s = batch * seq_len / seconds
             flops = model.flops_per_token(seq_len)
+            extra = {"profile_ms": group_totals(profile_kernels(step, iterations=2, warmup=1))} if profile else {}
             return {
                 "mixer": mixer, "compile": compile, "batch": batch, "seq_len": seq_len,
                 "params": model.num_parameters(), "step_s": seconds, "tokens_per_s": tokens_per_s,
                 "flops_per_token": flops, "mfu": flops * tokens_per_s / _peak(),
-                "max_memory_gb": torch.cuda.max_memory_allocated() / 1e9,
+                "max_memory_gb": torch.cuda.max_memory_allocated() / 1e9, **extra,
             }  # fmt: skip
         except torch.OutOfMemoryError:
             continue
         finally:
             # Drop every reference (the compiled wrapper and the closure too) before a smaller try.
-            model = optimizer = step_model = ids = step = None
+            model = optimizer = step_model = loss_sum = ids = step = None
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
     return {"mixer": mixer, "compile": compile, "error": "out of memory at batch 1"}
@@ -81,14 +89,20 @@ if __name__ == "__main__":
     parser.add_argument("output", nargs="?", help="JSON file to write")
     parser.add_argument("--mixers", nargs="+", default=["rat", "attention"], choices=["rat", "attention"])
     parser.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])
+    parser.add_argument("--profile", action="store_true", help="add CUDA time per step by kernel group")
     args = parser.parse_args()
-    rows = [measure(mixer, compile=mode == "compile") for mode in args.modes for mixer in args.mixers]
+    rows = [
+        measure(mixer, compile=mode == "compile", profile=args.profile) for mode in args.modes for mixer in args.mixers
+    ]
     for r in rows:
         if "error" in r:
             print(r)
         else:
             print(f"{r['mixer']:10} compile={r['compile']!s:5} batch {r['batch']} {r['tokens_per_s']:9.0f} tok/s "
                   f"MFU {100 * r['mfu']:5.1f}%  step {r['step_s'] * 1e3:7.1f} ms  mem {r['max_memory_gb']:.1f} GB")
+            if "profile_ms" in r:
+                groups = sorted(r["profile_ms"].items(), key=lambda kv: -kv[1])
+                print("    " + "  ".join(f"{name} {ms:.1f} ms" for name, ms in groups))
     if args.output:
         with open(args.output, "w") as handle:
             json.dump(rows, handle, indent=1)

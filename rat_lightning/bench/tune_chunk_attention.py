@@ -1,17 +1,20 @@
 """Sweep the chunk-attention kernels' tiles on a GPU, one kernel at a time.
 
     python -m rat_lightning.bench.tune_chunk_attention docs/benchmarks/chunk_attention_tiles_h100.json
+    python -m rat_lightning.bench.tune_chunk_attention out.json --quick --seq-lens 4096 131072
 
 At the benchmark shape (16 heads of 128 with 2 query groups and the output gate, as in the RAT
 layer; L = 16, bf16, 262,144 tokens) and each T, times the
 forward kernel under every forward tile, and the backward (both kernels) under every dq tile
 with the default dkv tile and every dkv tile with the default dq tile. Tiles that do not
-compile (shared memory, registers) are recorded as NaN. The winners go into
-``ops/chunk_attention/triton.py:CONFIGS``.
+compile (shared memory, registers) are recorded as NaN. Every tile is tried with pointer and with
+TMA loads. ``--quick`` tries only the current default and a few large tiles (TMA's pipelining
+favours them). The winners go into ``ops/chunk_attention/triton.py:CONFIGS``.
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import sys
 
@@ -24,25 +27,38 @@ from rat_lightning.ops.chunk_attention.triton import KernelConfig, _config, chun
 
 _STAGES = (2, 3)
 _WARPS = (4, 8)
+# --quick: (block_m, block_n, warps, stages) per kernel, tried with both load paths beside the default.
+_QUICK = {
+    "fwd": [(64, 32, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3)],
+    "dq": [(64, 32, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)],
+    "dkv": [(64, 128, 8, 2), (64, 128, 8, 3), (128, 128, 8, 2)],
+}
 
 
-def candidates(kernel: str, chunks: int) -> list[KernelConfig]:
-    """The tiles tried for ``kernel`` in {"fwd", "dq", "dkv"}, the current default at ``chunks`` first.
+def candidates(kernel: str, chunks: int, quick: bool = False) -> list[KernelConfig]:
+    """The tiles tried for ``kernel`` in {"fwd", "dq", "dkv"}, the current default at ``chunks`` first,
+    each with pointer and with TMA loads.
 
     The A operand of the second dot puts the warps along its rows, so dq keeps
     block_m >= 16 * warps and dkv block_n >= 16 * warps (smaller ones spill).
     """
+    default = _config(kernel, torch.bfloat16, chunks)
+    if quick:
+        tiles = [default[:4], *_QUICK[kernel]]
+        configs = [KernelConfig(*tile, tma=tma) for tile in tiles for tma in (False, True)]
+        return [default] + [c for i, c in enumerate(configs) if c != default and c not in configs[:i]]
     if kernel == "fwd":
         tiles = [(m, n) for m, n in itertools.product((64, 128), (32, 64, 128)) if not (m == 64 and n == 128)]
     elif kernel == "dq":
         tiles = list(itertools.product((64, 128), (32, 64)))
     else:
         tiles = list(itertools.product((32, 64), (64, 128)))
-    configs = [_config(kernel, torch.bfloat16, chunks)]
-    for (block_m, block_n), warps, stages in itertools.product(tiles, _WARPS, _STAGES):
+    configs = [default]
+    for (block_m, block_n), warps, stages, tma in itertools.product(tiles, _WARPS, _STAGES, (False, True)):
         rows = block_m if kernel == "dq" else block_n if kernel == "dkv" else 16 * warps
-        if rows >= 16 * warps and KernelConfig(block_m, block_n, warps, stages) not in configs:
-            configs.append(KernelConfig(block_m, block_n, warps, stages))
+        config = KernelConfig(block_m, block_n, warps, stages, tma)
+        if rows >= 16 * warps and config not in configs:
+            configs.append(config)
     return configs
 
 
@@ -55,8 +71,9 @@ def _bench(fn) -> float:
 
 
 def sweep(seq_lens: tuple[int, ...] = (4096, 16384, 131072), tokens: int = 262_144, heads: int = 16,
-          groups: int = 2, head_dim: int = 128, chunk_size: int = 16) -> list[dict]:
-    """Rows ``{"T", "kernel", "config", "ms"}``: fwd rows time the forward, dq / dkv rows the backward."""
+          groups: int = 2, head_dim: int = 128, chunk_size: int = 16, quick: bool = False) -> list[dict]:
+    """Rows ``{"T", "kernel", "config", "ms", "max_diff"}``: fwd rows time the forward, dq / dkv rows
+    the backward; max_diff is the largest difference of the outputs from the default config's."""
     rows = []
     scale = head_dim**-0.5
     for length in seq_lens:
@@ -66,7 +83,8 @@ def sweep(seq_lens: tuple[int, ...] = (4096, 16384, 131072), tokens: int = 262_1
         q = torch.randn(batch, length, groups, head_dim, device="cuda", dtype=torch.bfloat16)
         o, lse = chunk_attention_fwd(q, k, v, chunk_size, 10000.0, scale, gate)
         for kernel in ("fwd", "dq", "dkv"):
-            for config in candidates(kernel, length // chunk_size):
+            expected = None
+            for config in candidates(kernel, length // chunk_size, quick):
                 if kernel == "fwd":
                     def run(config=config):
                         return chunk_attention_fwd(q, k, v, chunk_size, 10000.0, scale, gate, config)
@@ -76,13 +94,23 @@ def sweep(seq_lens: tuple[int, ...] = (4096, 16384, 131072), tokens: int = 262_1
                     def run(tiles=tiles):
                         return chunk_attention_bwd(do, q, k, v, o, lse, chunk_size, 10000.0, scale, gate, **tiles)
                 ms = _bench(run)
-                rows.append({"T": length, "kernel": kernel, "config": list(config), "ms": ms})
-                print(f"T={length:>6} {kernel:<4} {tuple(config)} {ms:8.3f} ms", flush=True)
+                diff = float("nan")
+                if ms == ms:
+                    outputs = run()
+                    expected = outputs if expected is None else expected
+                    diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(outputs, expected))
+                rows.append({"T": length, "kernel": kernel, "config": list(config), "ms": ms, "max_diff": diff})
+                print(f"T={length:>6} {kernel:<4} {tuple(config)} {ms:8.3f} ms  max diff {diff:.2e}", flush=True)
     return rows
 
 
 if __name__ == "__main__":
-    results = sweep()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output", nargs="?", help="JSON file to write")
+    parser.add_argument("--seq-lens", nargs="+", type=int, default=[4096, 16384, 131072])
+    parser.add_argument("--quick", action="store_true", help="the default and a few large tiles only")
+    args = parser.parse_args()
+    results = sweep(tuple(args.seq_lens), quick=args.quick)
     for length in sorted({row["T"] for row in results}):
         for kernel in ("fwd", "dq", "dkv"):
             timed = [row for row in results if (row["T"], row["kernel"]) == (length, kernel) and row["ms"] == row["ms"]]
@@ -90,5 +118,5 @@ if __name__ == "__main__":
             default = timed[0]
             print(f"T={length} {kernel}: default {default['config']} {default['ms']:.3f} ms, best {best['config']} "
                   f"{best['ms']:.3f} ms")  # fmt: skip
-    if len(sys.argv) > 1:
-        write_report(sys.argv[1], {"rows": results})
+    if args.output:
+        write_report(args.output, {"rows": results})

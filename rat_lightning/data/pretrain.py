@@ -30,10 +30,10 @@ from rat_lightning.data.prepare import MANIFEST_NAME, prepare
 from rat_lightning.data.shards import TokenShards, read_manifest
 from rat_lightning.data.tokenizer import MIN_VOCAB_SIZE, eos_id, load_tokenizer, tokenizer_fingerprint
 from rat_lightning.errors import ConfigError
+from rat_lightning.model.loss import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 # Id that `prepare` gives <|endoftext|> in the tokenizers it trains (the first special token).
 DEFAULT_EOS_ID = 0
 

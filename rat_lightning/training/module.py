@@ -8,17 +8,15 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torchmetrics.text import Perplexity
 
 from rat_lightning.errors import ConfigError
 from rat_lightning.model import ModelConfig, RATLanguageModel
 from rat_lightning.model.config import RUNTIME_FIELDS
 from rat_lightning.model.generation import generate
+from rat_lightning.model.loss import IGNORE_INDEX, cross_entropy_sum
 from rat_lightning.sparse.pattern import InferencePattern
 from rat_lightning.training.optim import build_scheduler, parameter_groups
-
-IGNORE_INDEX = -100
 
 
 class LanguageModelModule(L.LightningModule):
@@ -38,7 +36,8 @@ class LanguageModelModule(L.LightningModule):
         min_lr: learning rate at the end of the cosine.
         eps: AdamW epsilon.
         fused_adam: use the fused AdamW kernel (CUDA and CPU); not with fp16-mixed loss scaling.
-        compile: wrap the model in ``torch.compile`` at fit start.
+        compile: compile the model and the loss with ``torch.compile`` at fit start (the loss
+            compiled alone fuses its fp32 softmax into two passes over the bf16 logits).
         generate_tokens: tokens ``predict`` generates after each prompt.
         temperature, top_k, top_p: sampling of ``predict``.
         joint_pattern: active recurrence learning (RAT+): every batch is also trained under
@@ -87,6 +86,7 @@ class LanguageModelModule(L.LightningModule):
         self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
         self.test_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
         self._step_started: float | None = None
+        self._cross_entropy_sum = cross_entropy_sum
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``(B, T)`` ids -> ``(B, T, V)`` logits."""
@@ -96,6 +96,7 @@ class LanguageModelModule(L.LightningModule):
         if self.hparams.compile:
             # In place: parameter names stay free of a compile-wrapper prefix in checkpoints.
             self.model.compile()
+            self._cross_entropy_sum = torch.compile(cross_entropy_sum)
 
     def setup(self, stage: str) -> None:
         # Before Lightning restores a ckpt_path (which then replaces these weights on a resume)
@@ -128,16 +129,13 @@ class LanguageModelModule(L.LightningModule):
                 "(and the tokenizer it was trained with) or start a new run"
             )
 
-    @staticmethod
-    def loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy over kept targets and their count.
 
         Args:
             logits: ``(B, T, V)``; targets: ``(B, T)`` with ``-100`` where no loss is taken.
         """
-        total = F.cross_entropy(
-            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
+        total = self._cross_entropy_sum(logits, targets)
         count = (targets != IGNORE_INDEX).sum()
         return total / count.clamp(min=1), count
 

@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from rat_lightning.errors import ConfigError
+from rat_lightning.model.loss import IGNORE_INDEX, cross_entropy_sum
 from rat_lightning.sparse.pattern import InferencePattern
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -109,11 +110,9 @@ class SparseInferenceEval(L.Callback):
                     break
                 input_ids, targets = (t.to(pl_module.device) for t in batch)
                 length = max(length, input_ids.shape[1])
-                logits = model(input_ids).float()
-                kept = targets != -100
-                loss = torch.nn.functional.cross_entropy(
-                    logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
-                )
+                logits = model(input_ids)
+                kept = targets != IGNORE_INDEX
+                loss = cross_entropy_sum(logits, targets)
                 correct = ((logits.argmax(-1) == targets) & kept).sum()
                 total += torch.stack([loss.double(), correct.double(), kept.sum().double()])
             total = trainer.strategy.reduce(total, reduce_op="sum")
