@@ -1,7 +1,7 @@
 """Model-level training throughput and MFU on one GPU: the 1.3B RAT and attention models.
 
     python -m rat_lightning.bench.train_throughput out.json [--mixers rat attention] [--modes eager compile]
-        [--profile]
+        [--accumulate 1 8] [--profile]
 
 Each model trains on random tokens at seq 4096 in bf16 autocast with fp32 master weights and
 fused AdamW (the optimizer step included in the time), eager and under torch.compile (the model
@@ -32,9 +32,19 @@ def _peak() -> float:
     return next((v for k, v in PEAK_BF16.items() if k in name), 989e12)
 
 
-def measure(mixer: str, seq_len: int = 4096, compile: bool = False, steps: int = 8, profile: bool = False) -> dict:
-    """Tokens/s and MFU of one training configuration, at the largest batch that fits; with
-    ``profile``, also ``"profile_ms"``: CUDA milliseconds per step by kernel group."""
+def measure(
+    mixer: str, seq_len: int = 4096, compile: bool = False, steps: int = 8, profile: bool = False, accumulate: int = 1
+) -> dict:
+    """Tokens/s and MFU of one training configuration, at the largest batch that fits.
+
+    Args:
+        accumulate: micro-batches per optimizer step (``trainer.accumulate_grad_batches``; the
+            1.3B recipe of docs/configs.md uses 8): one GPU reaches a pretraining batch only this
+            way, and the optimizer's pass over the fp32 weights and moments then happens once per
+            ``accumulate`` micro-batches.
+        profile: also ``"profile_ms"``, CUDA milliseconds per optimizer step by kernel group, and
+            ``"top_kernels"``, the 12 slowest kernels.
+    """
     config = ModelConfig(
         vocab_size=32000, d_model=2048, n_layers=24, n_heads=16, n_groups=2, chunk_size=16, mixer=mixer,
         max_seq_len=seq_len,
@@ -48,9 +58,10 @@ def measure(mixer: str, seq_len: int = 4096, compile: bool = False, steps: int =
             ids = torch.randint(0, 32000, (batch, seq_len + 1), device="cuda")
 
             def step() -> None:
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    logits = step_model(ids[:, :-1])
-                (loss_sum(logits, ids[:, 1:]) / ids[:, 1:].numel()).backward()
+                for _ in range(accumulate):
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        logits = step_model(ids[:, :-1])
+                    (loss_sum(logits, ids[:, 1:]) / ids[:, 1:].numel()).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
@@ -65,11 +76,14 @@ def measure(mixer: str, seq_len: int = 4096, compile: bool = False, steps: int =
                 torch.cuda.synchronize()
                 times.append(start.elapsed_time(end) / 1e3)
             seconds = sorted(times)[len(times) // 2]
-            tokens_per_s = batch * seq_len / seconds
+            tokens_per_s = batch * seq_len * accumulate / seconds
             flops = model.flops_per_token(seq_len)
-            extra = {"profile_ms": group_totals(profile_kernels(step, iterations=2, warmup=1))} if profile else {}
+            extra = {}
+            if profile:
+                kernels = profile_kernels(step, iterations=2, warmup=1)
+                extra = {"profile_ms": group_totals(kernels), "top_kernels": kernels[:12]}
             return {
-                "mixer": mixer, "compile": compile, "batch": batch, "seq_len": seq_len,
+                "mixer": mixer, "compile": compile, "batch": batch, "accumulate": accumulate, "seq_len": seq_len,
                 "params": model.num_parameters(), "step_s": seconds, "tokens_per_s": tokens_per_s,
                 "flops_per_token": flops, "mfu": flops * tokens_per_s / _peak(),
                 "max_memory_gb": torch.cuda.max_memory_allocated() / 1e9, **extra,
@@ -81,7 +95,7 @@ def measure(mixer: str, seq_len: int = 4096, compile: bool = False, steps: int =
             model = optimizer = step_model = loss_sum = ids = step = None
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-    return {"mixer": mixer, "compile": compile, "error": "out of memory at batch 1"}
+    return {"mixer": mixer, "compile": compile, "accumulate": accumulate, "error": "out of memory at batch 1"}
 
 
 if __name__ == "__main__":
@@ -89,20 +103,25 @@ if __name__ == "__main__":
     parser.add_argument("output", nargs="?", help="JSON file to write")
     parser.add_argument("--mixers", nargs="+", default=["rat", "attention"], choices=["rat", "attention"])
     parser.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])
+    parser.add_argument("--accumulate", nargs="+", type=int, default=[1], help="micro-batches per optimizer step")
     parser.add_argument("--profile", action="store_true", help="add CUDA time per step by kernel group")
     args = parser.parse_args()
     rows = [
-        measure(mixer, compile=mode == "compile", profile=args.profile) for mode in args.modes for mixer in args.mixers
-    ]
+        measure(mixer, compile=mode == "compile", profile=args.profile, accumulate=accumulate)
+        for mode in args.modes for accumulate in args.accumulate for mixer in args.mixers
+    ]  # fmt: skip
     for r in rows:
         if "error" in r:
             print(r)
         else:
-            print(f"{r['mixer']:10} compile={r['compile']!s:5} batch {r['batch']} {r['tokens_per_s']:9.0f} tok/s "
+            print(f"{r['mixer']:10} compile={r['compile']!s:5} batch {r['batch']} x{r['accumulate']} "
+                  f"{r['tokens_per_s']:9.0f} tok/s "
                   f"MFU {100 * r['mfu']:5.1f}%  step {r['step_s'] * 1e3:7.1f} ms  mem {r['max_memory_gb']:.1f} GB")
             if "profile_ms" in r:
                 groups = sorted(r["profile_ms"].items(), key=lambda kv: -kv[1])
                 print("    " + "  ".join(f"{name} {ms:.1f} ms" for name, ms in groups))
+                for row in r["top_kernels"]:
+                    print(f"      {row['ms']:7.2f} ms x{row['calls']:<5.0f} {row['group']:<9} {row['kernel'][:90]}")
     if args.output:
         with open(args.output, "w") as handle:
             json.dump(rows, handle, indent=1)
