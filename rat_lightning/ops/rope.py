@@ -13,6 +13,11 @@ def rope_angles(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosines and sines for ``positions``.
 
+    A custom op (``rat_lightning::rope_angles``), so that torch.compile builds the small table once
+    per call: traced, inductor fused the fp64 cos and sin into the kernel that rotates q and k and
+    evaluated them for every element (every batch row and head), which took 40% of the compiled
+    1.3B attention model's step on an H100.
+
     Args:
         positions: integer tensor of any shape ``S``.
         head_dim: P, even.
@@ -24,11 +29,24 @@ def rope_angles(
     """
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {head_dim}; pick d_model / n_heads even")
+    return _rope_angles_op(positions, head_dim, float(base), dtype)
+
+
+@torch.library.custom_op("rat_lightning::rope_angles", mutates_args=())
+def _rope_angles_op(
+    positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim)
     angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq
     angles = torch.cat([angles, angles], dim=-1)
     # Angles in fp64: positions up to 10^6 keep their fractional part.
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+@_rope_angles_op.register_fake
+def _rope_angles_fake(positions, head_dim, base, dtype):
+    shape = (*positions.shape, head_dim)
+    return positions.new_empty(shape, dtype=dtype), positions.new_empty(shape, dtype=dtype)
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:

@@ -14,3 +14,23 @@ def test_rotate_half_convention_and_relative_positions():
     q, k = torch.randn(2, 1, 1, 8, dtype=torch.float64)
     dot = lambda i, j: (apply_rope(q[None], torch.tensor([i])) * apply_rope(k[None], torch.tensor([j]))).sum()
     assert torch.allclose(dot(7, 4), dot(103, 100), atol=1e-10)
+
+
+def test_compiled_rope_builds_the_table_in_one_opaque_op():
+    """Under torch.compile the angle table is one custom op (no graph break, eager's numbers):
+    traced, inductor evaluated fp64 cos/sin once per element of q and k."""
+    import torch
+
+    from rat_lightning.ops.rope import apply_rope
+
+    x, positions = torch.randn(2, 7, 3, 8), torch.arange(7)
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module
+
+    compiled = torch.compile(apply_rope, backend=backend, fullgraph=True)(x, positions)
+    assert torch.equal(compiled, apply_rope(x, positions))
+    ops = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert any("rope_angles" in op for op in ops) and not any("cos" in op and "rope" not in op for op in ops), ops
