@@ -12,7 +12,10 @@ def test_rotate_half_convention_and_relative_positions():
     expected = torch.cat([x1 * angle.cos() - x2 * angle.sin(), x2 * angle.cos() + x1 * angle.sin()], -1)
     assert torch.allclose(out, expected, atol=1e-12)
     q, k = torch.randn(2, 1, 1, 8, dtype=torch.float64)
-    dot = lambda i, j: (apply_rope(q[None], torch.tensor([i])) * apply_rope(k[None], torch.tensor([j]))).sum()
+
+    def dot(i, j):
+        return (apply_rope(q[None], torch.tensor([i])) * apply_rope(k[None], torch.tensor([j]))).sum()
+
     assert torch.allclose(dot(7, 4), dot(103, 100), atol=1e-10)
 
 
