@@ -148,6 +148,22 @@ def _own_grads(b_q1, b_q2, b_k1, b_k2, b_v, b_do, b_lse, b_delta, qk_scale):
 
 
 @triton.jit
+def _load_summary_keys(kr_h, j0, o_j, m_j, H: tl.constexpr, P: tl.constexpr, BLOCK_PH: tl.constexpr,
+                       TRANSPOSE: tl.constexpr, TMA: tl.constexpr):
+    """Rotated summaries K_j (j = j0 + arange) as two halves (BLOCK_N, BLOCK_PH), or transposed:
+    two TMA boxes or pointer tiles of kr (B, C, H, P)."""
+    if TMA:
+        b_k1, b_k2 = kr_h.load([j0, 0]), kr_h.load([j0, BLOCK_PH])
+        if TRANSPOSE:
+            b_k1, b_k2 = tl.trans(b_k1), tl.trans(b_k2)
+    else:
+        o_ph = tl.arange(0, BLOCK_PH)
+        m_ph = col_mask(o_ph, P // 2, BLOCK_PH)
+        b_k1, b_k2 = _load_halves(kr_h, o_j.to(tl.int64) * H * P, m_j, o_ph, m_ph, P // 2, TRANSPOSE)
+    return b_k1, b_k2
+
+
+@triton.jit
 def _load_summary_values(v_h, j0, o_j, m_j, o_bt, L, H: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr,
                          TMA: tl.constexpr):
     """Values V_j = v[jL + L - 1] (BLOCK_N, BLOCK_P) of summaries o_j = j0 + arange: one TMA box or a strided gather."""
@@ -162,22 +178,28 @@ def _load_summary_values(v_h, j0, o_j, m_j, o_bt, L, H: tl.constexpr, P: tl.cons
 
 
 @triton.jit
-def _summary_descriptors(kr, v, i_b, i_h, T, C, L, H: tl.constexpr, P: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_PH: tl.constexpr):
-    """TMA descriptors of one (batch, head)'s (C, P) rotated summaries in kr (B, C, H, P) and (C, P)
-    summary values, rows jL + L - 1 of v (B, T, H, P); rows past C read as zeros.
+def _summary_sources(kr, v, i_b, i_h, T, C, L, H: tl.constexpr, P: tl.constexpr, BLOCK_N: tl.constexpr,
+                     TMA: tl.constexpr):
+    """What the summary loops of one (batch, head) read, for :func:`_load_summary_keys` and
+    :func:`_load_summary_values`: with TMA, descriptors of its (C, P) rotated summaries in kr
+    (B, C, H, P) and (C, P) summary values, rows jL + L - 1 of v (B, T, H, P), rows past C read
+    as zeros; else pointers to its column of kr and of v.
 
     The host checks the alignment TMA needs (:func:`_tma_usable`). C = 0 gets a one-row shape that
     no loop reads (a descriptor cannot be empty).
     """
-    rows = tl.maximum(C, 1)
-    kr_h = tl.make_tensor_descriptor(
-        kr + (i_b.to(tl.int64) * C * H + i_h) * P, shape=[rows, P], strides=[H * P, 1], block_shape=[BLOCK_N, P // 2]
-    )
-    v_h = tl.make_tensor_descriptor(
-        v + ((i_b.to(tl.int64) * T + L - 1) * H + i_h) * P, shape=[rows, P], strides=[L * H * P, 1],
-        block_shape=[BLOCK_N, P],
-    )  # fmt: skip
+    if TMA:
+        rows = tl.maximum(C, 1)
+        kr_h = tl.make_tensor_descriptor(
+            kr + (i_b.to(tl.int64) * C * H + i_h) * P, shape=[rows, P], strides=[H * P, 1],
+            block_shape=[BLOCK_N, P // 2],
+        )  # fmt: skip
+        v_h = tl.make_tensor_descriptor(
+            v + ((i_b.to(tl.int64) * T + L - 1) * H + i_h) * P, shape=[rows, P], strides=[L * H * P, 1],
+            block_shape=[BLOCK_N, P],
+        )  # fmt: skip
+    else:
+        kr_h, v_h = kr + i_b.to(tl.int64) * C * H * P + i_h * P, v + i_h * P
     return kr_h, v_h
 
 
@@ -210,19 +232,13 @@ def _fwd_inner(
 ):
     """Online softmax over summary tiles [j_lo, j_hi); CAUSAL masks keys j >= c(t).
 
-    kr_h, v_h: this (batch, head)'s rotated summaries and values, pointers or (TMA) the
-    descriptors of :func:`_summary_descriptors`.
+    kr_h, v_h: this (batch, head)'s rotated summaries and values (:func:`_summary_sources`).
     """
-    o_ph = tl.arange(0, BLOCK_PH)
-    m_ph = col_mask(o_ph, P // 2, BLOCK_PH)
     for j0 in range(j_lo, j_hi, BLOCK_N):
         o_j = j0 + tl.arange(0, BLOCK_N)
         m_j = o_j < n_keys
         # Rotated summaries transposed (BLOCK_PH, BLOCK_N), so the score is a plain q @ k^T.
-        if TMA:
-            b_krt1, b_krt2 = tl.trans(kr_h.load([j0, 0])), tl.trans(kr_h.load([j0, BLOCK_PH]))
-        else:
-            b_krt1, b_krt2 = _load_halves(kr_h, o_j.to(tl.int64) * H * P, m_j, o_ph, m_ph, P // 2, True)
+        b_krt1, b_krt2 = _load_summary_keys(kr_h, j0, o_j, m_j, H, P, BLOCK_PH, True, TMA)
         b_s = tl.dot(b_qr1, to_dot(b_krt1, DTYPE, EMULATE), input_precision=DOT_PRECISION)
         b_s = tl.dot(b_qr2, to_dot(b_krt2, DTYPE, EMULATE), b_s, input_precision=DOT_PRECISION)
         b_s = b_s * qk_scale
@@ -321,10 +337,7 @@ def chunk_attention_fwd_kernel(
     c_first = (i_m * BLOCK_M) // L
     n_keys = tl.minimum((tl.minimum(i_m * BLOCK_M + BLOCK_M, T) - 1) // L, C)
     j_mid = (c_first // BLOCK_N) * BLOCK_N
-    if TMA:
-        kr_h, v_h = _summary_descriptors(kr, v, i_b, i_h, T, C, L, H, P, BLOCK_N, BLOCK_PH)
-    else:
-        kr_h, v_h = kr + i_b.to(tl.int64) * C * H * P + i_h * P, v + i_h * P
+    kr_h, v_h = _summary_sources(kr, v, i_b, i_h, T, C, L, H, P, BLOCK_N, TMA)
     b_m, b_l, b_acc = _fwd_inner(
         b_m, b_l, b_acc, b_qr1, b_qr2, o_c, kr_h, v_h, o_bt, 0, j_mid, n_keys, L, qk_scale,
         H, P, BLOCK_N, BLOCK_P, BLOCK_PH, False, DOT_PRECISION, EMULATE, TMA, DTYPE,
@@ -374,15 +387,10 @@ def _bwd_dq_inner(
 ):
     """Accumulate dS @ K_rot over summary tiles [j_lo, j_hi) (unscaled, rotated frame); kr_h, v_h as in
     :func:`_fwd_inner`."""
-    o_ph = tl.arange(0, BLOCK_PH)
-    m_ph = col_mask(o_ph, P // 2, BLOCK_PH)
     for j0 in range(j_lo, j_hi, BLOCK_N):
         o_j = j0 + tl.arange(0, BLOCK_N)
         m_j = o_j < n_keys
-        if TMA:
-            b_kr1, b_kr2 = kr_h.load([j0, 0]), kr_h.load([j0, BLOCK_PH])
-        else:
-            b_kr1, b_kr2 = _load_halves(kr_h, o_j.to(tl.int64) * H * P, m_j, o_ph, m_ph, P // 2, False)
+        b_kr1, b_kr2 = _load_summary_keys(kr_h, j0, o_j, m_j, H, P, BLOCK_PH, False, TMA)
         b_kr1 = to_dot(b_kr1, DTYPE, EMULATE)
         b_kr2 = to_dot(b_kr2, DTYPE, EMULATE)
         b_s = tl.dot(b_qr1, tl.trans(b_kr1), input_precision=DOT_PRECISION)
@@ -516,10 +524,7 @@ def chunk_attention_bwd_kernel_dq(
     c_first = (i_m * BLOCK_M) // L
     n_keys = tl.minimum((tl.minimum(i_m * BLOCK_M + BLOCK_M, T) - 1) // L, C)
     j_mid = (c_first // BLOCK_N) * BLOCK_N
-    if TMA:
-        kr_h, v_h = _summary_descriptors(kr, v, i_b, i_h, T, C, L, H, P, BLOCK_N, BLOCK_PH)
-    else:
-        kr_h, v_h = kr + i_b.to(tl.int64) * C * H * P + i_h * P, v + i_h * P
+    kr_h, v_h = _summary_sources(kr, v, i_b, i_h, T, C, L, H, P, BLOCK_N, TMA)
     b_dqr1, b_dqr2 = _bwd_dq_inner(
         b_dqr1, b_dqr2, b_qr1, b_qr2, b_do_dot, b_lse, b_delta, o_c, kr_h, v_h, o_bt, 0, j_mid, n_keys,
         L, qk_scale, H, P, BLOCK_N, BLOCK_P, BLOCK_PH, False, DOT_PRECISION, EMULATE, TMA, DTYPE,
