@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from rat_lightning.ops.layout import check_output, rows_contiguous
-from rat_lightning.ops.rope import apply_rope, rope_angles
+from rat_lightning.ops.rope import rope_angles
 from rat_lightning.ops.triton_common import col_mask, is_interpreted, to_dot, to_store
 
 __all__ = ["CONFIGS", "KernelConfig", "chunk_attention_bwd", "chunk_attention_fwd", "chunk_attention_triton"]
@@ -720,27 +720,80 @@ def chunk_attention_bwd_kernel_dkv(
     tl.store(dv + o_krow[:, None] + o_p[None, :], to_store(b_dv, dv.dtype.element_ty, EMULATE), mask=m_jp)
 
 
-def _rope_tables(length: int, chunk_size: int, head_dim: int, base: float, device: torch.device):
-    """(positions, P/2) fp32 cos and sin of every chunk index in a sequence of ``length``."""
-    positions = torch.arange((length - 1) // chunk_size + 1, device=device)
-    cos, sin = rope_angles(positions, head_dim, base, torch.float32)
+@functools.lru_cache(maxsize=16)
+def _rope_tables(positions: int, head_dim: int, base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, P/2) fp32 cos and sin of the chunk indices 0 .. positions - 1.
+
+    Cached: built from a dozen tiny fp64 kernels, and every forward and backward of every layer
+    asks for the same table. The kernels only read it.
+    """
+    cos, sin = rope_angles(torch.arange(positions, device=device), head_dim, base, torch.float32)
     half = head_dim // 2
     return cos[:, :half].contiguous(), sin[:, :half].contiguous()
 
 
-def _rotated_summaries(k: torch.Tensor, chunk_size: int, base: float) -> torch.Tensor:
+def _tables(length: int, chunk_size: int, head_dim: int, base: float, device: torch.device):
+    """The RoPE tables of every chunk index in a sequence of ``length`` (:func:`_rope_tables`)."""
+    return _rope_tables((length - 1) // chunk_size + 1, head_dim, float(base), device)
+
+
+@triton.jit
+def rotate_summaries_kernel(
+    k,
+    kr,
+    p_cos,
+    p_sin,
+    T,
+    C,
+    L,
+    ROWS,
+    H: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_PH: tl.constexpr,
+    EMULATE: tl.constexpr,
+):
+    """kr[b, j, h] = RoPE at position j of k[b, jL + L - 1, h], fp32 math, stored in kr's dtype.
+
+    Grid: (cdiv(B * C, BLOCK_R), H); k (B, T, H, P) and kr (B, C, H, P) contiguous, ROWS = B * C.
+    """
+    i_r, i_h = tl.program_id(0), tl.program_id(1)
+    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_r = o_r < ROWS
+    o_ph = tl.arange(0, BLOCK_PH)
+    m_ph = col_mask(o_ph, P // 2, BLOCK_PH)
+    o_j = o_r % C
+    o_krow = (((o_r // C).to(tl.int64) * T + o_j * L + L - 1) * H + i_h) * P
+    b_k1, b_k2 = _load_halves(k, o_krow, m_r, o_ph, m_ph, P // 2, False)
+    b_cos, b_sin = _load_rope(p_cos, p_sin, o_j, m_r, o_ph, m_ph, P // 2, "")
+    b_r1, b_r2 = _rotate(b_k1.to(tl.float32), b_k2.to(tl.float32), b_cos, b_sin)
+    p_kr1 = kr + (o_r.to(tl.int64) * H + i_h)[:, None] * P + o_ph[None, :]
+    m_rph = m_r[:, None] & m_ph[None, :]
+    tl.store(p_kr1, to_store(b_r1, kr.dtype.element_ty, EMULATE), mask=m_rph)
+    tl.store(p_kr1 + P // 2, to_store(b_r2, kr.dtype.element_ty, EMULATE), mask=m_rph)
+
+
+def _rotated_summaries(
+    k: torch.Tensor, chunk_size: int, cos: torch.Tensor, sin: torch.Tensor, options: dict
+) -> torch.Tensor:
     """(B, C, H, P) summaries k[jL + L - 1] rotated to position j, in k's dtype (contiguous); k if C = 0.
 
-    1/L of k, built once per call: rotating them inside the kernels instead would cost, for
-    every (query tile, summary tile) pair, a cos/sin load as large as the K and V tiles together.
+    1/L of k, built once per call by one kernel: rotating them inside the attention kernels
+    instead would cost, for every (query tile, summary tile) pair, a cos/sin load as large as
+    the K and V tiles together.
     """
-    chunks = k.shape[1] // chunk_size
+    batch, length, heads, head_dim = k.shape
+    chunks = length // chunk_size
     if chunks == 0:
         # Nothing to read; k stands in so that no kernel gets the null pointer of an empty tensor.
         return k
-    summaries = k[:, chunk_size - 1 :: chunk_size][:, :chunks]
-    positions = torch.arange(chunks, device=k.device)
-    return apply_rope(summaries, positions, base).to(k.dtype).contiguous()
+    kr = k.new_empty(batch, chunks, heads, head_dim)
+    rows, block = batch * chunks, 64
+    rotate_summaries_kernel[(triton.cdiv(rows, block), heads)](
+        k, kr, cos, sin, length, chunks, chunk_size, rows, H=heads, P=head_dim, BLOCK_R=block,
+        BLOCK_PH=options["BLOCK_PH"], EMULATE=options["EMULATE"], num_warps=4,
+    )  # fmt: skip
+    return kr
 
 
 def _tma_allocator(size: int, alignment: int, stream: int | None) -> torch.Tensor:
@@ -815,14 +868,15 @@ def chunk_attention_fwd(
     if y.numel() == 0:
         return y, lse
     config = config or _config("fwd", q.dtype, length // chunk_size)
-    cos, sin = _rope_tables(length, chunk_size, head_dim, rope_base, q.device)
-    kr = _rotated_summaries(k, chunk_size, rope_base)
+    options = _launch_options(q, k)
+    cos, sin = _tables(length, chunk_size, head_dim, rope_base, q.device)
+    kr = _rotated_summaries(k, chunk_size, cos, sin, options)
     grid = (triton.cdiv(length, config.block_m), batch * heads)
     chunk_attention_fwd_kernel[grid](
         q, k, v, kr, z, y, lse, cos, sin, length, length // chunk_size, chunk_size,
         q.stride(0), q.stride(1), z.stride(0), z.stride(1), scale * _LOG2E,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, GATED=gate is not None, num_warps=config.num_warps,
-        num_stages=config.num_stages, TMA=_tma_usable(config, kr, v), **_launch_options(q, k),
+        num_stages=config.num_stages, TMA=_tma_usable(config, kr, v), **options,
     )  # fmt: skip
     return y, lse
 
@@ -875,9 +929,9 @@ def chunk_attention_bwd(
     # and, with a gate, dO = dy * sigmoid(gate).
     delta, qr = torch.empty_like(lse), torch.empty_like(q, memory_format=torch.contiguous_format)
     do = torch.empty_like(dy) if gate is not None else dy
-    cos, sin = _rope_tables(length, chunk_size, head_dim, rope_base, q.device)
-    kr = _rotated_summaries(k, chunk_size, rope_base)
     options = _launch_options(q, k)
+    cos, sin = _tables(length, chunk_size, head_dim, rope_base, q.device)
+    kr = _rotated_summaries(k, chunk_size, cos, sin, options)
     # Each head writes its own dq; a group's heads are summed after the kernel (a loop over the
     # group's heads inside one program measured 2.5x slower at T = 4K: its live tiles spilled).
     dq_heads = dq if q.shape[2] == heads else torch.empty_like(k, dtype=q.dtype)
@@ -890,7 +944,7 @@ def chunk_attention_bwd(
         num_warps=config_dq.num_warps, num_stages=config_dq.num_stages, TMA=_tma_usable(config_dq, kr, v), **options,
     )  # fmt: skip
     if dq_heads is not dq:
-        dq.copy_(dq_heads.unflatten(2, (q.shape[2], -1)).sum(3))
+        torch.sum(dq_heads.unflatten(2, (q.shape[2], -1)), dim=3, out=dq)
     if chunks:
         grid = (triton.cdiv(chunks, config_dkv.block_n), batch * heads)
         chunk_attention_bwd_kernel_dkv[grid](
