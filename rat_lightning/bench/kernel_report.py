@@ -13,6 +13,7 @@ the GPU image's may differ.
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -24,12 +25,14 @@ _INT_SCALARS = ("T", "C", "L")
 
 
 def _signature(arg_names: list[str], constexprs: dict) -> dict[str, str]:
-    """Triton types of a chunk-attention kernel's arguments: bf16 tensors, fp32 statistics."""
+    """Triton types of a chunk-attention kernel's arguments: bf16 tensors, fp32 statistics (and,
+    in the factored dq kernel, the fp32 factors it writes in place of dk, dv)."""
+    fp32 = _FP32_POINTERS + (("dk", "dv") if constexprs.get("FACTORED") and "dq" in arg_names else ())
     types = {}
     for name in arg_names:
         if name in constexprs:
             types[name] = "constexpr"
-        elif name in _FP32_POINTERS:
+        elif name in fp32:
             types[name] = "*fp32"
         elif name in _FLOAT_SCALARS:
             types[name] = "fp32"
@@ -89,11 +92,15 @@ def compile_kernels() -> list[tuple[str, str]]:
         if config_name.endswith("fp32"):
             continue
         kernel = launches[kernel_name]
-        # Both load paths at every tile: a config may switch TMA on after the next sweep.
-        for tma in (False, True):
+        # Both load paths at every tile (a config may switch TMA on after the next sweep), and the
+        # backward kernels' factored form (the RAT mixing op's) and full form (the plain op's).
+        factored_forms = (True, False) if "FACTORED" in kernel.arg_names else (None,)
+        for tma, factored in itertools.product((False, True), factored_forms):
             constexprs = {**base, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "TMA": tma}
             if "GATED" in kernel.arg_names:
                 constexprs["GATED"] = True
+            if factored is not None:
+                constexprs["FACTORED"] = factored
             signature = _signature(kernel.arg_names, constexprs)
             source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=_aligned(signature))
             compiled = triton.compile(
@@ -101,7 +108,8 @@ def compile_kernels() -> list[tuple[str, str]]:
                 options={"num_warps": config.num_warps, "num_stages": config.num_stages},
             )  # fmt: skip
             tiles = tuple(config._replace(tma=tma))
-            rows.append((f"{config_name} {tiles}", _ptxas_report(compiled.asm["ptx"])))
+            form = {None: "", True: " factored", False: " full"}[factored]
+            rows.append((f"{config_name}{form} {tiles}", _ptxas_report(compiled.asm["ptx"])))
     return rows
 
 

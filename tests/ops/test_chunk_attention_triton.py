@@ -90,6 +90,28 @@ def test_kernels_match_reference(length, chunk_size, dtype):
             assert_close(grad, expected_grad, grad_rtol, name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("length, chunk_size", [(3, 4), (8, 4), (37, 4), (37, 1)])
+def test_factored_state_grads_expand_to_the_full_ones(length, chunk_size, dtype):
+    """The factored backward (own-state terms as two numbers per row, summaries apart) gives the
+    full backward's dk, dv once expanded, and the same dq and dgate; T < L has no summary."""
+    from rat_lightning.ops.chunk_attention import triton as chunk_triton
+
+    q, gate, *_ = _projection_slices(2, length, 1, 2, 32, dtype)
+    k, v, dy = (torch.randn(2, length, 2, 32, device=DEVICE).to(dtype) for _ in range(3))
+    out, lse = chunk_triton.chunk_attention_fwd(q, k, v, chunk_size, 10000.0, 32**-0.5, gate)
+    dq, dk, dv, dgate = chunk_triton.chunk_attention_bwd(dy, q, k, v, out, lse, chunk_size, 10000.0, 32**-0.5, gate)
+    dq_f, dgate_f, state_grads = chunk_triton.chunk_attention_bwd_factored(
+        dy, q, k, v, out, lse, chunk_size, 10000.0, 32**-0.5, gate
+    )
+    assert state_grads.dk_summary.shape == (2, length // chunk_size, 2, 32)
+    assert torch.equal(dq_f, dq) and torch.equal(dgate_f, dgate)
+    dv_f, dk_f = state_grads.expand(chunk_size)
+    # Each side rounds to the dtype once, from fp32 sums in a different order.
+    assert_close(dk_f, dk, RTOL[dtype], "dk")
+    assert_close(dv_f, dv, RTOL[dtype], "dv")
+
+
 @pytest.mark.parametrize("length, chunk_size", [(5, 4), (37, 4)])
 def test_ungated_one_query_per_head(length, chunk_size):
     """The plain op: G = H, no gate (dO = dy is read by the summary kernel directly)."""

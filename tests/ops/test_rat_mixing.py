@@ -42,7 +42,7 @@ def _run(h, bias, chunk_size, backend, dy):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("length, chunk_size", [(37, 4), (37, 16), (20, 1)])
+@pytest.mark.parametrize("length, chunk_size", [(37, 4), (37, 16), (20, 1), (16, 16), (9, 16)])
 def test_triton_matches_reference(length, chunk_size, dtype):
     h, bias = _leaves(2, length, dtype)
     dy = torch.randn(2, length, HEADS * DIM, device=DEVICE).to(dtype)
@@ -56,7 +56,11 @@ def test_triton_matches_reference(length, chunk_size, dtype):
     # Every slice of the packed gradient was written and matches: z, x, g, q, k.
     slices = zip("zxgqk", split_projection(actual[3], HEADS, GROUPS), split_projection(expected[3], HEADS, GROUPS))
     for name, a, e in slices:
-        assert_close(a, e, rtol, f"d{name}")
+        if length <= chunk_size and name in "qk":
+            # One chunk: each softmax holds only the own state, so dq and dk vanish but for rounding.
+            assert (a.double() - e.double()).norm() <= rtol * expected[3].double().norm(), f"d{name}"
+        else:
+            assert_close(a, e, rtol, f"d{name}")
 
 
 def test_states_carry_no_gradient():

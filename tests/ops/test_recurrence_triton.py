@@ -97,6 +97,29 @@ def test_fp32_matches_fp64_reference(shape, chunk_size, small_blocks):
     _compare(inputs, chunk_size, 1e-5, torch.float64)
 
 
+@pytest.mark.parametrize("length, chunk_size", [(33, 4), (32, 4), (3, 4), (4, 4)])
+def test_factored_state_grads_equal_dense(length, chunk_size):
+    """The backward from factored state gradients (StateGrads: the RAT mixing op's path) equals
+    the backward from the same gradients expanded; T <= L runs as one full-sequence block."""
+    from rat_lightning.ops.recurrence.triton import StateGrads, recurrence_bwd, recurrence_fwd
+
+    batch, heads, groups, dim = 2, 4, 2, 16
+    x, g, k, bias, _ = (t.detach() if t is not None else None for t in _inputs(batch, length, heads, groups, dim))
+    sx, sk = recurrence_fwd(x, g, k, bias, chunk_size)
+    chunks = length // chunk_size
+    projection = torch.randn(batch, length, (groups + 1) * dim, device=DEVICE)
+    state_grads = StateGrads(
+        torch.randn(batch, length, heads, dim, device=DEVICE), projection[..., dim:].unflatten(-1, (groups, dim)),
+        *torch.randn(2, batch, length, heads, device=DEVICE), *torch.randn(2, batch, chunks, heads, dim, device=DEVICE),
+    )  # fmt: skip
+    factored = recurrence_bwd(state_grads, None, x, g, k, bias, sx, sk, chunk_size)
+    dense = recurrence_bwd(*state_grads.expand(chunk_size), x, g, k, bias, sx, sk, chunk_size)
+    for name, a, b in zip(("dx", "dg", "dk", "dbias"), factored, dense):
+        assert_close(a, b, 1e-5, name)
+    with pytest.raises(ValueError, match="restart form"):
+        recurrence_bwd(state_grads, None, x, g, k, bias, sx, sk, None)
+
+
 @pytest.mark.parametrize("chunk_size", [None, 4])
 def test_fp32_default_full_sequence_block(chunk_size):
     # The production time block (one block here: 33 < 64) and no initial state.

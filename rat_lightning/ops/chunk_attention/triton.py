@@ -47,10 +47,14 @@ import triton
 import triton.language as tl
 
 from rat_lightning.ops.layout import check_output, rows_contiguous
+from rat_lightning.ops.recurrence.triton import StateGrads
 from rat_lightning.ops.rope import rope_angles
 from rat_lightning.ops.triton_common import col_mask, is_interpreted, to_dot, to_store
 
-__all__ = ["CONFIGS", "KernelConfig", "chunk_attention_bwd", "chunk_attention_fwd", "chunk_attention_triton"]
+__all__ = [
+    "CONFIGS", "KernelConfig", "chunk_attention_bwd", "chunk_attention_bwd_factored", "chunk_attention_fwd",
+    "chunk_attention_triton",
+]
 
 # Log2(e): the kernels work in base 2 (exp2 is one instruction), with scores scaled by scale * log2(e).
 _LOG2E = 1.4426950408889634
@@ -447,6 +451,7 @@ def chunk_attention_bwd_kernel_dq(
     BLOCK_P: tl.constexpr,
     BLOCK_PH: tl.constexpr,
     GATED: tl.constexpr,
+    FACTORED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     EMULATE: tl.constexpr,
     TMA: tl.constexpr,
@@ -456,7 +461,9 @@ def chunk_attention_bwd_kernel_dq(
     Grid: (cdiv(T, BLOCK_M), B * H). dO = dy * sigmoid(z) (dy if not GATED), stored in ``do`` when
     GATED; delta = rowsum(dO * O) = rowsum(dy * y) (B, H, T) fp32; dz = dy * y * sigmoid(-z); the
     own-state gradients dk_t, dv_t of every row (rows jL + L - 1 are overwritten afterwards by
-    ``chunk_attention_bwd_kernel_dkv`` with own-state plus summary gradients); this head's dq
+    ``chunk_attention_bwd_kernel_dkv`` with own-state plus summary gradients), or with FACTORED
+    their factors, c_t and p_t in dk_t = c_t q_t, dv_t = p_t dO_t, into ``dk``, ``dv`` (B, T, H)
+    fp32; this head's dq
     (``dq`` (B, T, H, P): the caller sums a group's heads when H / G > 1); and, from the first head
     of each group, the rotated queries qr (B, T, G, P) in q's dtype for that kernel. q, z, dq, dz
     take batch / time strides (dq's head stride is P); the rest is contiguous.
@@ -501,11 +508,18 @@ def chunk_attention_bwd_kernel_dq(
     b_k1, b_k2 = b_k1.to(tl.float32), b_k2.to(tl.float32)
     b_v = tl.load(v + o_row[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
     b_ds_own, b_p_own = _own_grads(b_q1, b_q2, b_k1, b_k2, b_v, b_do, b_lse, b_delta, qk_scale)
-    p_dk1 = dk + o_row[:, None] + o_ph[None, :]
-    tl.store(p_dk1, to_store(b_ds_own[:, None] * b_q1 * scale, dk.dtype.element_ty, EMULATE), mask=m_tph)
-    tl.store(p_dk1 + P // 2, to_store(b_ds_own[:, None] * b_q2 * scale, dk.dtype.element_ty, EMULATE), mask=m_tph)
-    p_dv = dv + o_row[:, None] + o_p[None, :]
-    tl.store(p_dv, to_store(b_p_own[:, None] * b_do, dv.dtype.element_ty, EMULATE), mask=m_tp)
+    if FACTORED:
+        # dk_t = c_t q_t and dv_t = p_t dO_t: two numbers per row instead of two rows.
+        o_own = (o_bt + o_t) * H + i_h
+        tl.store(dk + o_own, b_ds_own * scale, mask=m_t)
+        tl.store(dv + o_own, b_p_own, mask=m_t)
+    else:
+        p_dk1 = dk + o_row[:, None] + o_ph[None, :]
+        b_dk1, b_dk2 = b_ds_own[:, None] * b_q1 * scale, b_ds_own[:, None] * b_q2 * scale
+        tl.store(p_dk1, to_store(b_dk1, dk.dtype.element_ty, EMULATE), mask=m_tph)
+        tl.store(p_dk1 + P // 2, to_store(b_dk2, dk.dtype.element_ty, EMULATE), mask=m_tph)
+        p_dv = dv + o_row[:, None] + o_p[None, :]
+        tl.store(p_dv, to_store(b_p_own[:, None] * b_do, dv.dtype.element_ty, EMULATE), mask=m_tp)
 
     o_c = o_t // L
     b_cos, b_sin = _load_rope(p_cos, p_sin, o_c, m_t, o_ph, m_ph, P // 2, "")
@@ -641,11 +655,13 @@ def chunk_attention_bwd_kernel_dkv(
     BLOCK_N: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_PH: tl.constexpr,
+    FACTORED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     EMULATE: tl.constexpr,
     TMA: tl.constexpr,
 ):
-    """Backward, summary side: rows jL + L - 1 of dk, dv = own-state + summary gradients.
+    """Backward, summary side: rows jL + L - 1 of dk, dv (B, T, H, P) = own-state + summary
+    gradients; with FACTORED the summary gradients alone, into dk, dv (B, C, H, P).
 
     Grid: (cdiv(C, BLOCK_N), B * H); needs delta, qr and dO (``do``: dy when ungated) from
     ``chunk_attention_bwd_kernel_dq``.
@@ -669,21 +685,27 @@ def chunk_attention_bwd_kernel_dkv(
     m_jp = m_j[:, None] & m_p[None, :]
     m_jph = m_j[:, None] & m_ph[None, :]
 
-    # Row jL + L - 1 is also its own query's own state: its term seeds the accumulators (dk in the
-    # rotated frame, like the summary term), so the raw rows need not stay live across the loop.
-    b_q1, b_q2 = _load_halves(q, o_qrow, m_j, o_ph, m_ph, P // 2, False)
-    b_k1, b_k2 = _load_halves(k, o_krow, m_j, o_ph, m_ph, P // 2, False)
-    b_q1, b_q2 = b_q1.to(tl.float32), b_q2.to(tl.float32)
     b_v = tl.load(v + o_krow[:, None] + o_p[None, :], mask=m_jp, other=0.0)
-    b_do = tl.load(do + o_krow[:, None] + o_p[None, :], mask=m_jp, other=0.0).to(tl.float32)
-    b_lse = tl.load(lse + o_bht + o_r, mask=m_j, other=0.0)
-    b_delta = tl.load(delta + o_bht + o_r, mask=m_j, other=0.0)
-    b_ds_own, b_p_own = _own_grads(
-        b_q1, b_q2, b_k1.to(tl.float32), b_k2.to(tl.float32), b_v.to(tl.float32), b_do, b_lse, b_delta, qk_scale
-    )
-    b_dv = b_p_own[:, None] * b_do
-    b_cos, b_sin = _load_rope(p_cos, p_sin, o_j, m_j, o_ph, m_ph, P // 2, "")
-    b_dkr1, b_dkr2 = _rotate(b_ds_own[:, None] * b_q1, b_ds_own[:, None] * b_q2, b_cos, b_sin)
+    if FACTORED:
+        # The own-state terms stay with the rows (as factors, from the dq kernel).
+        b_dv = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
+        b_dkr1 = tl.zeros([BLOCK_N, BLOCK_PH], dtype=tl.float32)
+        b_dkr2 = tl.zeros([BLOCK_N, BLOCK_PH], dtype=tl.float32)
+    else:
+        # Row jL + L - 1 is also its own query's own state: its term seeds the accumulators (dk in
+        # the rotated frame, like the summary term), so the raw rows need not stay live across the loop.
+        b_q1, b_q2 = _load_halves(q, o_qrow, m_j, o_ph, m_ph, P // 2, False)
+        b_k1, b_k2 = _load_halves(k, o_krow, m_j, o_ph, m_ph, P // 2, False)
+        b_q1, b_q2 = b_q1.to(tl.float32), b_q2.to(tl.float32)
+        b_do = tl.load(do + o_krow[:, None] + o_p[None, :], mask=m_jp, other=0.0).to(tl.float32)
+        b_lse = tl.load(lse + o_bht + o_r, mask=m_j, other=0.0)
+        b_delta = tl.load(delta + o_bht + o_r, mask=m_j, other=0.0)
+        b_ds_own, b_p_own = _own_grads(
+            b_q1, b_q2, b_k1.to(tl.float32), b_k2.to(tl.float32), b_v.to(tl.float32), b_do, b_lse, b_delta, qk_scale
+        )
+        b_dv = b_p_own[:, None] * b_do
+        b_cos, b_sin = _load_rope(p_cos, p_sin, o_j, m_j, o_ph, m_ph, P // 2, "")
+        b_dkr1, b_dkr2 = _rotate(b_ds_own[:, None] * b_q1, b_ds_own[:, None] * b_q2, b_cos, b_sin)
     o_kr = ((i_b.to(tl.int64) * C + o_j) * H + i_h) * P
     b_kr1, b_kr2 = _load_halves(kr, o_kr, m_j, o_ph, m_ph, P // 2, False)
     b_kr1 = to_dot(b_kr1, DTYPE, EMULATE)
@@ -714,10 +736,11 @@ def chunk_attention_bwd_kernel_dkv(
     )  # fmt: skip
     b_cos, b_sin = _load_rope(p_cos, p_sin, o_j, m_j, o_ph, m_ph, P // 2, ".cg")
     b_dk1, b_dk2 = _rotate_back(b_dkr1, b_dkr2, b_cos, b_sin)
-    p_dk1 = dk + o_krow[:, None] + o_ph[None, :]
+    o_out = o_kr if FACTORED else o_krow
+    p_dk1 = dk + o_out[:, None] + o_ph[None, :]
     tl.store(p_dk1, to_store(b_dk1 * scale, dk.dtype.element_ty, EMULATE), mask=m_jph)
     tl.store(p_dk1 + P // 2, to_store(b_dk2 * scale, dk.dtype.element_ty, EMULATE), mask=m_jph)
-    tl.store(dv + o_krow[:, None] + o_p[None, :], to_store(b_dv, dv.dtype.element_ty, EMULATE), mask=m_jp)
+    tl.store(dv + o_out[:, None] + o_p[None, :], to_store(b_dv, dv.dtype.element_ty, EMULATE), mask=m_jp)
 
 
 @functools.lru_cache(maxsize=16)
@@ -881,6 +904,79 @@ def chunk_attention_fwd(
     return y, lse
 
 
+def _launch_bwd(
+    dy: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    y: torch.Tensor,
+    lse: torch.Tensor,
+    chunk_size: int,
+    rope_base: float,
+    scale: float,
+    gate: torch.Tensor | None,
+    dq: torch.Tensor | None,
+    dgate: torch.Tensor | None,
+    config_dq: KernelConfig | None,
+    config_dkv: KernelConfig | None,
+    factored: bool,
+) -> tuple[torch.Tensor, ...]:
+    """The two backward kernels; ``(dq, dk, dv, dz, do, own_c, own_p)``.
+
+    dk, dv: ``(B, T, H, P)`` full gradients, or with ``factored`` the summary gradients alone
+    ``(B, C, H, P)``, the own-state terms given by the factors own_c, own_p ``(B, T, H)`` fp32 (else
+    None). dz is dq's stand-in without a gate; do is dy without a gate.
+    """
+    batch, length, heads, head_dim = k.shape
+    q, k, v, y, dy = rows_contiguous(q), k.contiguous(), v.contiguous(), y.contiguous(), dy.contiguous()
+    z = rows_contiguous(gate) if gate is not None else q
+    dq = dq if dq is not None else torch.empty_like(q)
+    dz = dgate if dgate is not None else (torch.empty_like(z) if gate is not None else dq)
+    check_output("dq", dq, q)
+    check_output("dgate", dz, z)
+    chunks = length // chunk_size
+    if factored:
+        dk, dv = k.new_empty(batch, chunks, heads, head_dim), v.new_empty(batch, chunks, heads, head_dim)
+        own_c, own_p = lse.new_empty(batch, length, heads), lse.new_empty(batch, length, heads)
+    else:
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        own_c = own_p = None
+    # Written by the dq kernel for the dkv kernel: delta = rowsum(dO * O), the rotated queries
+    # and, with a gate, dO = dy * sigmoid(gate).
+    do = torch.empty_like(dy) if gate is not None else dy
+    if k.numel() == 0:
+        return dq, dk, dv, dz, do, own_c, own_p
+    config_dq = config_dq or _config("dq", q.dtype, chunks)
+    config_dkv = config_dkv or _config("dkv", q.dtype, chunks)
+    delta, qr = torch.empty_like(lse), torch.empty_like(q, memory_format=torch.contiguous_format)
+    options = _launch_options(q, k)
+    cos, sin = _tables(length, chunk_size, head_dim, rope_base, q.device)
+    kr = _rotated_summaries(k, chunk_size, cos, sin, options)
+    # Each head writes its own dq; a group's heads are summed after the kernel (a loop over the
+    # group's heads inside one program measured 2.5x slower at T = 4K: its live tiles spilled).
+    dq_heads = dq if q.shape[2] == heads else torch.empty_like(k, dtype=q.dtype)
+    grid = (triton.cdiv(length, config_dq.block_m), batch * heads)
+    chunk_attention_bwd_kernel_dq[grid](
+        q, k, v, kr, z, y, dy, lse, delta, qr, do, dq_heads, own_c if factored else dk, own_p if factored else dv,
+        dz, cos, sin, length, chunks, chunk_size,
+        q.stride(0), q.stride(1), z.stride(0), z.stride(1), dq_heads.stride(0), dq_heads.stride(1), dz.stride(0),
+        dz.stride(1), scale, scale * _LOG2E, BLOCK_M=config_dq.block_m, BLOCK_N=config_dq.block_n,
+        GATED=gate is not None, FACTORED=factored, num_warps=config_dq.num_warps, num_stages=config_dq.num_stages,
+        TMA=_tma_usable(config_dq, kr, v), **options,
+    )  # fmt: skip
+    if dq_heads is not dq:
+        torch.sum(dq_heads.unflatten(2, (q.shape[2], -1)), dim=3, out=dq)
+    if chunks:
+        grid = (triton.cdiv(chunks, config_dkv.block_n), batch * heads)
+        chunk_attention_bwd_kernel_dkv[grid](
+            q, k, v, kr, qr, do, lse, delta, dk, dv, cos, sin, length, chunks, chunk_size, q.stride(0), q.stride(1),
+            scale, scale * _LOG2E, BLOCK_M=config_dkv.block_m, BLOCK_N=config_dkv.block_n, FACTORED=factored,
+            num_warps=config_dkv.num_warps, num_stages=config_dkv.num_stages, TMA=_tma_usable(config_dkv, qr, do),
+            **options,
+        )  # fmt: skip
+    return dq, dk, dv, dz, do, own_c, own_p
+
+
 def chunk_attention_bwd(
     dy: torch.Tensor,
     q: torch.Tensor,
@@ -912,48 +1008,40 @@ def chunk_attention_bwd(
     Returns:
         ``(dq, dk, dv, dgate)`` in their inputs' dtypes; dgate is None without a gate.
     """
-    batch, length, heads, head_dim = k.shape
-    q, k, v, y, dy = rows_contiguous(q), k.contiguous(), v.contiguous(), y.contiguous(), dy.contiguous()
-    z = rows_contiguous(gate) if gate is not None else q
-    dq = dq if dq is not None else torch.empty_like(q)
-    dz = dgate if dgate is not None else (torch.empty_like(z) if gate is not None else dq)
-    check_output("dq", dq, q)
-    check_output("dgate", dz, z)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    if dk.numel() == 0:
-        return dq, dk, dv, dz if gate is not None else None
-    chunks = length // chunk_size
-    config_dq = config_dq or _config("dq", q.dtype, chunks)
-    config_dkv = config_dkv or _config("dkv", q.dtype, chunks)
-    # Written by the dq kernel for the dkv kernel: delta = rowsum(dO * O), the rotated queries
-    # and, with a gate, dO = dy * sigmoid(gate).
-    delta, qr = torch.empty_like(lse), torch.empty_like(q, memory_format=torch.contiguous_format)
-    do = torch.empty_like(dy) if gate is not None else dy
-    options = _launch_options(q, k)
-    cos, sin = _tables(length, chunk_size, head_dim, rope_base, q.device)
-    kr = _rotated_summaries(k, chunk_size, cos, sin, options)
-    # Each head writes its own dq; a group's heads are summed after the kernel (a loop over the
-    # group's heads inside one program measured 2.5x slower at T = 4K: its live tiles spilled).
-    dq_heads = dq if q.shape[2] == heads else torch.empty_like(k, dtype=q.dtype)
-    grid = (triton.cdiv(length, config_dq.block_m), batch * heads)
-    chunk_attention_bwd_kernel_dq[grid](
-        q, k, v, kr, z, y, dy, lse, delta, qr, do, dq_heads, dk, dv, dz, cos, sin, length, chunks, chunk_size,
-        q.stride(0), q.stride(1), z.stride(0), z.stride(1), dq_heads.stride(0), dq_heads.stride(1), dz.stride(0),
-        dz.stride(1),
-        scale, scale * _LOG2E, BLOCK_M=config_dq.block_m, BLOCK_N=config_dq.block_n, GATED=gate is not None,
-        num_warps=config_dq.num_warps, num_stages=config_dq.num_stages, TMA=_tma_usable(config_dq, kr, v), **options,
-    )  # fmt: skip
-    if dq_heads is not dq:
-        torch.sum(dq_heads.unflatten(2, (q.shape[2], -1)), dim=3, out=dq)
-    if chunks:
-        grid = (triton.cdiv(chunks, config_dkv.block_n), batch * heads)
-        chunk_attention_bwd_kernel_dkv[grid](
-            q, k, v, kr, qr, do, lse, delta, dk, dv, cos, sin, length, chunks, chunk_size, q.stride(0), q.stride(1),
-            scale, scale * _LOG2E, BLOCK_M=config_dkv.block_m, BLOCK_N=config_dkv.block_n,
-            num_warps=config_dkv.num_warps, num_stages=config_dkv.num_stages, TMA=_tma_usable(config_dkv, qr, do),
-            **options,
-        )  # fmt: skip
+    dq, dk, dv, dz, _, _, _ = _launch_bwd(
+        dy, q, k, v, y, lse, chunk_size, rope_base, scale, gate, dq, dgate, config_dq, config_dkv, factored=False
+    )
     return dq, dk, dv, dz if gate is not None else None
+
+
+def chunk_attention_bwd_factored(
+    dy: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    y: torch.Tensor,
+    lse: torch.Tensor,
+    chunk_size: int,
+    rope_base: float,
+    scale: float,
+    gate: torch.Tensor | None = None,
+    *,
+    dq: torch.Tensor | None = None,
+    dgate: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, StateGrads]:
+    """The backward with the gradients of k and v (the recurrent states) left factored, for the
+    recurrence's backward to expand (:class:`~rat_lightning.ops.recurrence.triton.StateGrads`):
+    two numbers per row instead of two rows written here and read there.
+
+    Args: as :func:`chunk_attention_bwd`.
+
+    Returns:
+        ``(dq, dgate, state_grads)``; dgate None without a gate.
+    """
+    dq, dk, dv, dz, do, own_c, own_p = _launch_bwd(
+        dy, q, k, v, y, lse, chunk_size, rope_base, scale, gate, dq, dgate, None, None, factored=True
+    )
+    return dq, dz if gate is not None else None, StateGrads(do, rows_contiguous(q), own_c, own_p, dk, dv)
 
 
 @torch.library.custom_op("rat_lightning::chunk_attention_fwd", mutates_args=())

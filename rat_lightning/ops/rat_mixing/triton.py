@@ -3,7 +3,9 @@
 Forward: the recurrence kernel reads x, g, k from the packed projection h in place, and the
 chunk-attention kernel reads q and z there too and writes the gated output y. Backward: one
 buffer dh shaped like h; the chunk-attention kernels write dq and dz into its slices and the
-recurrence kernel dx, dg, dk, so no gradient is concatenated or repeated. Saved for the
+recurrence kernel dx, dg, dk, so no gradient is concatenated or repeated. The states' gradients
+pass between them factored (:class:`~rat_lightning.ops.recurrence.triton.StateGrads`): two
+numbers per token and head plus the summaries' rows, not two full gradient rows. Saved for the
 backward: h, the states, y (also the input the output projection saves) and the log-sum-exp.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from rat_lightning.ops.chunk_attention.triton import chunk_attention_bwd, chunk_attention_fwd
+from rat_lightning.ops.chunk_attention.triton import chunk_attention_bwd_factored, chunk_attention_fwd
 from rat_lightning.ops.rat_mixing.reference import split_projection
 from rat_lightning.ops.recurrence.triton import recurrence_bwd, recurrence_fwd
 
@@ -55,11 +57,11 @@ def rat_mixing_bwd(
     z, x, g, q, k = split_projection(h, heads, groups)
     dh = torch.empty_like(h)
     dz, dx, dg, dq, dk = split_projection(dh, heads, groups)
-    _, dsk, dsx, _ = chunk_attention_bwd(
+    _, _, state_grads = chunk_attention_bwd_factored(
         dy.unflatten(-1, sx.shape[2:]), q, sk, sx, y.unflatten(-1, sx.shape[2:]), lse, chunk_size, rope_base,
         x.shape[-1] ** -0.5, z, dq=dq, dgate=dz,
     )  # fmt: skip
-    dbias = recurrence_bwd(dsx, dsk, x, g, k, gate_bias, sx, sk, chunk_size, grads_out=(dx, dg, dk))[3]
+    dbias = recurrence_bwd(state_grads, None, x, g, k, gate_bias, sx, sk, chunk_size, grads_out=(dx, dg, dk))[3]
     return dh, dbias
 
 

@@ -36,12 +36,49 @@ fake implementations and registered autograd, so torch.compile sees opaque calls
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from rat_lightning.ops.layout import check_output, rows_contiguous
 from rat_lightning.ops.triton_common import check_device
+
+
+class StateGrads(NamedTuple):
+    """Gradients of the restart-form states sx, sk in the factored form the chunk attention's
+    backward gives them (:func:`rat_lightning.ops.chunk_attention.triton.chunk_attention_bwd_factored`):
+
+        ds_x[t] = p[t] do[t] + dv_summary[j],   ds_k[t] = c[t] q[t] + dk_summary[j]
+
+    with the summary terms only at the end t = jL + L - 1 of each full chunk j. Two numbers per
+    token and head replace two gradient rows.
+
+    Attributes:
+        do: ``(B, T, H, P)`` contiguous, the attention's output gradient dO.
+        q: ``(B, T, G, P)`` the queries (the key groups), last two dims contiguous.
+        c, p: ``(B, T, H)`` fp32 factors.
+        dk_summary, dv_summary: ``(B, T // L, H, P)`` contiguous.
+    """
+
+    do: torch.Tensor
+    q: torch.Tensor
+    c: torch.Tensor
+    p: torch.Tensor
+    dk_summary: torch.Tensor
+    dv_summary: torch.Tensor
+
+    def expand(self, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dense ``(ds_x, ds_k)``, each ``(B, T, H, P)`` in dO's dtype."""
+        heads = self.do.shape[2]
+        dsx = self.p[..., None] * self.do.float()
+        dsk = self.c[..., None] * self.q.float().repeat_interleave(heads // self.q.shape[2], dim=2)
+        ends = slice(chunk_size - 1, self.dk_summary.shape[1] * chunk_size, chunk_size)
+        dsx[:, ends] += self.dv_summary.float()
+        dsk[:, ends] += self.dk_summary.float()
+        return dsx.to(self.do.dtype), dsk.to(self.do.dtype)
+
 
 # Time block of the full-sequence scan (tokens per block in passes 1 and 3).
 FULL_SEQUENCE_BLOCK = 64
@@ -279,6 +316,11 @@ def recurrence_bwd_kernel_chunk(
     dsk,
     dcx,
     dck,
+    sq,
+    own_c,
+    own_p,
+    dks,
+    dvs,
     dx,
     dg,
     dk,
@@ -292,6 +334,8 @@ def recurrence_bwd_kernel_chunk(
     stride_gt,
     stride_kb,
     stride_kt,
+    stride_qb,
+    stride_qt,
     stride_dxb,
     stride_dxt,
     stride_dgb,
@@ -301,6 +345,7 @@ def recurrence_bwd_kernel_chunk(
     T,
     NB,
     NBT,
+    C,
     H: tl.constexpr,
     P: tl.constexpr,
     G: tl.constexpr,
@@ -316,6 +361,7 @@ def recurrence_bwd_kernel_chunk(
     HAS_DC: tl.constexpr,
     RESTART: tl.constexpr,
     SUMMARY: tl.constexpr,
+    FACTORED: tl.constexpr,
 ):
     """Reverse scan of NC blocks: ``d_t = ds_t + a_{t+1} d_{t+1}`` (not across a restart).
 
@@ -328,6 +374,10 @@ def recurrence_bwd_kernel_chunk(
     entering each block from its right (HAS_DC); outputs dx ``(B, T, H, P)``, dg like g,
     dk ``(B, T, G, P)``, dbias ``(n_programs_over_blocks, H, P)`` fp32. With SUMMARY, only
     hx, hk (``a_{t0} d_{t0}`` of the block's local scan) and ha (its gate product) are written.
+    FACTORED (restart form with k, :class:`StateGrads`): dsx is dO ``(B, T, H, P)`` and the state
+    gradients are ``ds_x = own_p dO``, ``ds_k = own_c sq`` (own_c, own_p ``(B, T, H)`` fp32, sq the
+    queries ``(B, T, G, P)`` with batch / time strides), plus at the end of each of the C full
+    chunks its summary gradients dvs, dks ``(B, C, H, P)``, which enter the scan as its carry.
     """
     i_n, i_c = tl.program_id(0), tl.program_id(1)
     i_g, i_pb = i_c // NPB, i_c % NPB
@@ -351,6 +401,12 @@ def recurrence_bwd_kernel_chunk(
         b_rx = tl.load(dcx + o_h, mask=m_h, other=0.0)
         if HAS_K:
             b_rk = tl.load(dck + o_h, mask=m_h, other=0.0)
+    elif FACTORED:
+        # A full chunk's summary is its last state: the summary's gradient reaches that state directly.
+        o_sum = (o_b * C + o_n % NB)[:, None, None] * (H * P) + o_d[None, :, :]
+        m_sum = m_h & (o_n % NB < C)[:, None, None]
+        b_rx = tl.load(dvs + o_sum, mask=m_sum, other=0.0).to(tl.float32)
+        b_rk = tl.load(dks + o_sum, mask=m_sum, other=0.0).to(tl.float32)
     else:
         b_rx = tl.zeros([NC, BH, BP], dtype=tl.float32)
         if HAS_K:
@@ -373,9 +429,19 @@ def recurrence_bwd_kernel_chunk(
         b_a = tl.where(m, b_a, 1.0)
         b_1ma = tl.where(m, b_1ma, 0.0)
         o_s = (o_b * T + o_t)[:, None, None] * (H * P) + o_d[None, :, :]
-        b_dx = tl.load(dsx + o_s, mask=m, other=0.0).to(tl.float32) + b_rx
+        b_dsx = tl.load(dsx + o_s, mask=m, other=0.0).to(tl.float32)
+        if FACTORED:
+            o_own = ((o_b * T + o_t) * H + i_g * HPG)[:, None] + o_hh[None, :]
+            m_own = m_t[:, None] & (o_hh < HPG)[None, :]
+            b_dsx *= tl.load(own_p + o_own, mask=m_own, other=0.0)[:, :, None]
+            p_q = sq + (o_b * stride_qb + o_t * stride_qt)[:, None] + o_dk[None, :]
+            b_q = tl.load(p_q, mask=m_t[:, None] & m_p[None, :], other=0.0).to(tl.float32)
+            b_dsk = tl.load(own_c + o_own, mask=m_own, other=0.0)[:, :, None] * b_q[:, None, :]
+        elif HAS_K:
+            b_dsk = tl.load(dsk + o_s, mask=m, other=0.0).to(tl.float32)
+        b_dx = b_dsx + b_rx
         if HAS_K:
-            b_dk = tl.load(dsk + o_s, mask=m, other=0.0).to(tl.float32) + b_rk
+            b_dk = b_dsk + b_rk
         if SUMMARY:
             b_A = b_A * b_a
         else:
@@ -548,7 +614,7 @@ def recurrence_fwd(
 
 
 def recurrence_bwd(
-    dsx: torch.Tensor,
+    dsx: torch.Tensor | StateGrads,
     dsk: torch.Tensor | None,
     x: torch.Tensor,
     g: torch.Tensor,
@@ -563,7 +629,8 @@ def recurrence_bwd(
     """Backward launcher.
 
     Args:
-        dsx, dsk: gradients of the outputs ``(B, T, H, P)`` (dsk None when k is None).
+        dsx, dsk: gradients of the outputs ``(B, T, H, P)`` (dsk None when k is None); or, in the
+            restart form with k, dsx the factored gradients of both (:class:`StateGrads`) and dsk None.
         x, g, k, gate_bias, chunk_size, initial_state: the forward's inputs.
         sx, sk: the forward's outputs (contiguous), read for s_{t-1}.
         grads_out: ``(dx, dg, dk)`` to write the input gradients into (shapes and dtypes of x, g, k,
@@ -575,6 +642,15 @@ def recurrence_bwd(
         (summed over the H/G heads of each group); entries are None where the input is None.
     """
     check_device(x)
+    factored = dsx if isinstance(dsx, StateGrads) else None
+    if factored is not None:
+        if chunk_size is None or k is None or dsk is not None:
+            raise ValueError("factored state gradients need the restart form (a chunk_size), k, and dsk=None")
+        if _effective_chunk(chunk_size, x.shape[1]) is None:
+            # One chunk holds the sequence and runs as the full-sequence scan: expand (T <= L, short).
+            (dsx, dsk), factored = factored.expand(chunk_size), None
+        else:
+            dsx = factored.do
     chunk_size = _effective_chunk(chunk_size, x.shape[1])
     x, g = rows_contiguous(x), rows_contiguous(g)
     k = rows_contiguous(k) if k is not None else None
@@ -582,7 +658,7 @@ def recurrence_bwd(
     dsx = dsx.contiguous()
     sx = sx.contiguous()
     if k is not None:
-        dsk = dsk.contiguous() if dsk is not None else torch.zeros_like(sx)
+        dsk = dsk.contiguous() if dsk is not None else (dsx if factored is not None else torch.zeros_like(sx))
         sk = sk.contiguous()
     else:
         dsk = sk = None
@@ -606,8 +682,17 @@ def recurrence_bwd(
     lay = _layout(x, k, chunk_size)
     nb, meta, grid = lay["NB"], lay["meta"], lay["grid"]
     kk, dkk = (k, dk) if k is not None else (x, dx)
+    # The factored gradients' tensors (dsx stands in for those the kernel does not read).
+    if factored is not None:
+        chunks = factored.dk_summary.shape[1]
+        # No full chunk (T < L): nothing reads the summaries, but Triton takes no null pointer.
+        dks, dvs = (factored.dk_summary, factored.dv_summary) if chunks else (dsx, dsx)
+        own = (rows_contiguous(factored.q), factored.c, factored.p, dks, dvs)
+        own_strides = (own[0].stride(0), own[0].stride(1))
+    else:
+        chunks, own, own_strides = 0, (dsx,) * 5, (0, 0)
     strides = (
-        x.stride(0), x.stride(1), g.stride(0), g.stride(1), kk.stride(0), kk.stride(1),
+        x.stride(0), x.stride(1), g.stride(0), g.stride(1), kk.stride(0), kk.stride(1), *own_strides,
         dx.stride(0), dx.stride(1), dg.stride(0), dg.stride(1), dkk.stride(0), dkk.stride(1),
     )  # fmt: skip
     common = dict(HAS_K=k is not None, HAS_BIAS=bias is not None, RESTART=chunk_size is not None, **meta)
@@ -621,19 +706,20 @@ def recurrence_bwd(
         hx, ha = torch.empty(batch, nb, heads, dim, **f32), torch.empty(batch, nb, heads, dim, **f32)
         hk = torch.empty(batch, nb, heads, dim, **f32) if k is not None else None
         recurrence_bwd_kernel_chunk[grid](
-            x, g, kk, bias_arg, sx, sk_arg, sx, sx, dsx, dsk_arg, hx, hx, dx, dg, dkk, hx,
+            x, g, kk, bias_arg, sx, sk_arg, sx, sx, dsx, dsk_arg, hx, hx, *own, dx, dg, dkk, hx,
             hx, hk if hk is not None else hx, ha,
-            *strides, length, nb, lay["NBT"], HAS_S0=False, HAS_DC=False, SUMMARY=True, **common,
+            *strides, length, nb, lay["NBT"], chunks, HAS_S0=False, HAS_DC=False, SUMMARY=True, FACTORED=False,
+            **common,
         )  # fmt: skip
         # Pass 2: the gradient entering every block from its right, and the initial state's.
         dcx, dck, d0x, d0k = _carry(ha, hx, hk, (None, None), reverse=True)
     dbias_part = torch.empty(grid[0], heads, dim, **f32) if bias is not None else None
     recurrence_bwd_kernel_chunk[grid](
         x, g, kk, bias_arg, sx, sk_arg, s0x if s0x is not None else sx, s0k if s0k is not None else sx,
-        dsx, dsk_arg, dcx if dcx is not None else sx, dck if dck is not None else sx,
+        dsx, dsk_arg, dcx if dcx is not None else sx, dck if dck is not None else sx, *own,
         dx, dg, dkk, dbias_part if dbias_part is not None else sx, sx, sx, sx,
-        *strides, length, nb, lay["NBT"], HAS_S0=s0x is not None, HAS_DC=dcx is not None, SUMMARY=False,
-        **common,
+        *strides, length, nb, lay["NBT"], chunks, HAS_S0=s0x is not None, HAS_DC=dcx is not None, SUMMARY=False,
+        FACTORED=factored is not None, **common,
     )  # fmt: skip
     dbias = dbias_part.sum(0).to(bias.dtype) if bias is not None else None
     if s0x is not None:
