@@ -1093,9 +1093,12 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(q, k, v, gate, y, lse)
     ctx.args = (chunk_size, rope_base, scale)
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for lse
 
 
 def _backward(ctx, dy, dlse):
+    if dy is None:
+        return None, None, None, None, None, None, None
     q, k, v, gate, y, lse = ctx.saved_tensors
     dq, dk, dv, dgate = _bwd_op(dy, q, k, v, y, lse, gate, *ctx.args)
     return dq, dk, dv, dgate if gate is not None else None, None, None, None

@@ -76,9 +76,14 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(h, gate_bias, y, sx, sk, lse)
     ctx.args = (heads, groups, chunk_size, rope_base)
     ctx.mark_non_differentiable(sx, sk, lse)
+    # Else autograd fills zero gradients for the three non-differentiable outputs before every
+    # backward: two (B, T, H, P) fills, 0.65 ms of a 4K layer's 55 ms step on an H100.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dy, dsx, dsk, dlse):
+    if dy is None:
+        return None, None, None, None, None, None
     h, gate_bias, y, sx, sk, lse = ctx.saved_tensors
     dh, dbias = rat_mixing_bwd(dy, h, gate_bias, y, sx, sk, lse, *ctx.args)
     return dh, dbias, None, None, None, None
