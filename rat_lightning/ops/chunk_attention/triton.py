@@ -18,21 +18,24 @@ Kernels (tiles in :data:`CONFIGS`):
   tiles below the tile's first chunk need no mask, the last one or two get the mask j < c(t).
   Writes y (gated o) and the log2-domain log-sum-exp per (b, h, t).
 - ``chunk_attention_bwd_kernel_dq``: grid (query tiles, B * H). Per block_m queries of a head:
-  dO (stored when gated), delta, dz, the own-state gradients dk_t, dv_t of every row, the
-  head's dq (a group's heads are summed after the kernel) and, from a group's first head, the
-  rotated queries for the next kernel.
+  dO (stored when gated), delta, dz, the own-state gradients dk_t, dv_t of every row (or, for
+  the fused RAT op, their factors c_t, p_t in dk_t = c_t q_t, dv_t = p_t dO_t), the head's dq (a
+  group's heads are summed after the kernel) and, from a group's first head, the rotated queries
+  for the next kernel.
 - ``chunk_attention_bwd_kernel_dkv``: grid (summary tiles, B * H). Per block_n summaries: loops
   over the query tiles that see them, accumulates dK_j, dV_j on top of the own-state gradients
-  of rows jL + L - 1 and overwrites those rows of dk, dv. It runs after the dq kernel on the same
-  stream, so neither atomics nor a scatter are needed.
+  of rows jL + L - 1 and overwrites those rows of dk, dv (factored: the summary terms alone, into
+  (B, C, H, P)). It runs after the dq kernel on the same stream, so neither atomics nor a
+  scatter are needed.
+- ``rotate_summaries_kernel``: the rotated summaries, once per call (below).
 
 RoPE (rotate-half: pairs i and i + P/2): every row is loaded as its two halves of P/2, so the
 rotation needs no register permute and a score is the sum of two dots over P/2. Queries are
 rotated in the kernels, once per program; the summaries, 1/L of k, are rotated once per call
-into a (B, C, H, P) copy (rotating them per (query tile, summary tile) pair would load a cos/sin
+by their own kernel into a (B, C, H, P) copy (rotating them per (query tile, summary tile) pair would load a cos/sin
 tile as large as the K and V tiles together, and keeps more tiles live across the loop); the
 values are read in place, row jL + L - 1 by strided addressing. Cosines and sines come from a
-(positions, P/2) fp32 table built by :func:`rat_lightning.ops.rope.rope_angles` in fp64, so the
+(positions, P/2) fp32 table built (and cached) by :func:`rat_lightning.ops.rope.rope_angles` in fp64, so the
 kernels rotate with exactly the reference's constants (fp32 angles lose about 1e-3 rad at chunk
 index 8K). The backward rotates gradients back with the transpose rotation.
 """
