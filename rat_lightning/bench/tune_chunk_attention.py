@@ -5,8 +5,9 @@
 
 At the benchmark shape (16 heads of 128 with 2 query groups and the output gate, as in the RAT
 layer; L = 16, bf16, 262,144 tokens) and each T, times the
-forward kernel under every forward tile, and the backward (both kernels) under every dq tile
-with the default dkv tile and every dkv tile with the default dq tile. Tiles that do not
+forward kernel under every forward tile, and the backward (both kernels, in the factored form
+the RAT layer runs: :func:`chunk_attention_bwd_factored`) under every dq tile with the default
+dkv tile and every dkv tile with the default dq tile. Tiles that do not
 compile (shared memory, registers) are recorded as NaN. Every tile is tried with pointer and with
 TMA loads. ``--quick`` tries only the current default and a few large tiles (TMA's pipelining
 favours them). The winners go into ``ops/chunk_attention/triton.py:CONFIGS``.
@@ -23,14 +24,20 @@ import triton
 import triton.testing
 
 from rat_lightning.bench.report import write_report
-from rat_lightning.ops.chunk_attention.triton import KernelConfig, _config, chunk_attention_bwd, chunk_attention_fwd
+from rat_lightning.ops.chunk_attention.triton import (
+    KernelConfig,
+    _config,
+    chunk_attention_bwd_factored,
+    chunk_attention_fwd,
+)
 
 _STAGES = (2, 3)
 _WARPS = (4, 8)
 # --quick: (block_m, block_n, warps, stages) per kernel, tried with both load paths beside the default.
 _QUICK = {
     "fwd": [(64, 32, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3)],
-    "dq": [(64, 32, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)],
+    "dq": [(64, 32, 4, 3), (64, 32, 4, 2), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3),
+           (128, 128, 8, 2)],
     "dkv": [(64, 128, 8, 2), (64, 128, 8, 3), (128, 128, 8, 2)],
 }
 
@@ -71,7 +78,8 @@ def _bench(fn) -> float:
 
 
 def sweep(seq_lens: tuple[int, ...] = (4096, 16384, 131072), tokens: int = 262_144, heads: int = 16,
-          groups: int = 2, head_dim: int = 128, chunk_size: int = 16, quick: bool = False) -> list[dict]:
+          groups: int = 2, head_dim: int = 128, chunk_size: int = 16, quick: bool = False,
+          kernels: tuple[str, ...] = ("fwd", "dq", "dkv")) -> list[dict]:
     """Rows ``{"T", "kernel", "config", "ms", "max_diff"}``: fwd rows time the forward, dq / dkv rows
     the backward; max_diff is the largest difference of the outputs from the default config's."""
     rows = []
@@ -82,7 +90,7 @@ def sweep(seq_lens: tuple[int, ...] = (4096, 16384, 131072), tokens: int = 262_1
                           for _ in range(4))  # fmt: skip
         q = torch.randn(batch, length, groups, head_dim, device="cuda", dtype=torch.bfloat16)
         o, lse = chunk_attention_fwd(q, k, v, chunk_size, 10000.0, scale, gate)
-        for kernel in ("fwd", "dq", "dkv"):
+        for kernel in kernels:
             expected = None
             for config in candidates(kernel, length // chunk_size, quick):
                 if kernel == "fwd":
@@ -92,7 +100,10 @@ def sweep(seq_lens: tuple[int, ...] = (4096, 16384, 131072), tokens: int = 262_1
                     tiles = {"config_dq" if kernel == "dq" else "config_dkv": config}
 
                     def run(tiles=tiles):
-                        return chunk_attention_bwd(do, q, k, v, o, lse, chunk_size, 10000.0, scale, gate, **tiles)
+                        dq, dgate, state_grads = chunk_attention_bwd_factored(
+                            do, q, k, v, o, lse, chunk_size, 10000.0, scale, gate, **tiles
+                        )
+                        return dq, dgate, *state_grads[2:]
                 ms = _bench(run)
                 diff = float("nan")
                 if ms == ms:
@@ -109,10 +120,11 @@ if __name__ == "__main__":
     parser.add_argument("output", nargs="?", help="JSON file to write")
     parser.add_argument("--seq-lens", nargs="+", type=int, default=[4096, 16384, 131072])
     parser.add_argument("--quick", action="store_true", help="the default and a few large tiles only")
+    parser.add_argument("--kernels", nargs="+", default=["fwd", "dq", "dkv"], choices=["fwd", "dq", "dkv"])
     args = parser.parse_args()
-    results = sweep(tuple(args.seq_lens), quick=args.quick)
+    results = sweep(tuple(args.seq_lens), quick=args.quick, kernels=tuple(args.kernels))
     for length in sorted({row["T"] for row in results}):
-        for kernel in ("fwd", "dq", "dkv"):
+        for kernel in args.kernels:
             timed = [row for row in results if (row["T"], row["kernel"]) == (length, kernel) and row["ms"] == row["ms"]]
             best = min(timed, key=lambda row: row["ms"])
             default = timed[0]

@@ -1031,6 +1031,8 @@ def chunk_attention_bwd_factored(
     *,
     dq: torch.Tensor | None = None,
     dgate: torch.Tensor | None = None,
+    config_dq: KernelConfig | None = None,
+    config_dkv: KernelConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, StateGrads]:
     """The backward with the gradients of k and v (the recurrent states) left factored, for the
     recurrence's backward to expand (:class:`~rat_lightning.ops.recurrence.triton.StateGrads`):
@@ -1042,7 +1044,7 @@ def chunk_attention_bwd_factored(
         ``(dq, dgate, state_grads)``; dgate None without a gate.
     """
     dq, dk, dv, dz, do, own_c, own_p = _launch_bwd(
-        dy, q, k, v, y, lse, chunk_size, rope_base, scale, gate, dq, dgate, None, None, factored=True
+        dy, q, k, v, y, lse, chunk_size, rope_base, scale, gate, dq, dgate, config_dq, config_dkv, factored=True
     )
     return dq, dz if gate is not None else None, StateGrads(do, rows_contiguous(q), own_c, own_p, dk, dv)
 
