@@ -684,10 +684,9 @@ def recurrence_bwd(
     kk, dkk = (k, dk) if k is not None else (x, dx)
     # The factored gradients' tensors (dsx stands in for those the kernel does not read).
     if factored is not None:
+        # The restart form here has L < T, so at least one full chunk and a non-empty summary buffer.
         chunks = factored.dk_summary.shape[1]
-        # No full chunk (T < L): nothing reads the summaries, but Triton takes no null pointer.
-        dks, dvs = (factored.dk_summary, factored.dv_summary) if chunks else (dsx, dsx)
-        own = (rows_contiguous(factored.q), factored.c, factored.p, dks, dvs)
+        own = (rows_contiguous(factored.q), factored.c, factored.p, factored.dk_summary, factored.dv_summary)
         own_strides = (own[0].stride(0), own[0].stride(1))
     else:
         chunks, own, own_strides = 0, (dsx,) * 5, (0, 0)
