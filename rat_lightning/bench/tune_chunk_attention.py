@@ -10,7 +10,10 @@ the RAT layer runs: :func:`chunk_attention_bwd_factored`) under every dq tile wi
 dkv tile and every dkv tile with the default dq tile. Tiles that do not
 compile (shared memory, registers) are recorded as NaN. Every tile is tried with pointer and with
 TMA loads. ``--quick`` tries only the current default and a few large tiles (TMA's pipelining
-favours them). The winners go into ``ops/chunk_attention/triton.py:CONFIGS``.
+favours them). The default is timed first and again last, to show the drift of the GPU's clocks
+over the sweep (on an H100 a config timed right after another ran up to 10% slower: confirm a
+winner by an A/B in alternating order before moving a default). The winners go into
+``ops/chunk_attention/triton.py:CONFIGS``.
 """
 
 from __future__ import annotations
@@ -92,7 +95,10 @@ def sweep(seq_lens: tuple[int, ...] = (4096, 16384, 131072), tokens: int = 262_1
         o, lse = chunk_attention_fwd(q, k, v, chunk_size, 10000.0, scale, gate)
         for kernel in kernels:
             expected = None
-            for config in candidates(kernel, length // chunk_size, quick):
+            configs = candidates(kernel, length // chunk_size, quick)
+            # The default again at the end: clocks drift under sustained load (a later run of the
+            # same config measured up to 10% slower on an H100), so the two bracket the sweep's drift.
+            for config in [*configs, configs[0]]:
                 if kernel == "fwd":
                     def run(config=config):
                         return chunk_attention_fwd(q, k, v, chunk_size, 10000.0, scale, gate, config)
@@ -127,8 +133,8 @@ if __name__ == "__main__":
         for kernel in args.kernels:
             timed = [row for row in results if (row["T"], row["kernel"]) == (length, kernel) and row["ms"] == row["ms"]]
             best = min(timed, key=lambda row: row["ms"])
-            default = timed[0]
-            print(f"T={length} {kernel}: default {default['config']} {default['ms']:.3f} ms, best {best['config']} "
-                  f"{best['ms']:.3f} ms")  # fmt: skip
+            default, again = timed[0], timed[-1]
+            print(f"T={length} {kernel}: default {default['config']} {default['ms']:.3f} ms ({again['ms']:.3f} ms "
+                  f"again at the end), best {best['config']} {best['ms']:.3f} ms")  # fmt: skip
     if args.output:
         write_report(args.output, {"rows": results})

@@ -84,17 +84,19 @@ class KernelConfig(NamedTuple):
 # block_n >= 16 * num_warps. Tiles from the H100 sweeps of ``bench/tune_chunk_attention.py``
 # (docs/benchmarks/chunk_attention_tiles_h100.json, chunk_attention_tma_h100.json): small tiles
 # win while a query sees few summaries (T = 4K, 16K), large ones from about 2K chunks on
-# ("_long"). TMA loads won only in the long dkv kernel (backward 2.7% faster at 128K, 5.5% at
-# 64K; 1% slower at 16K) and lost 5-15% in the forward. With the JIT's alignment the bf16
-# tiles use at most 255 registers and spill at most 280 bytes (``bench kernel_report``). fp32
-# is the accuracy path: its IEEE dots run on FMA units, least spilled with small tiles.
+# ("_long"). TMA loads lost 5-15% in the forward, tied in dq, and won in the long dkv kernel of
+# the full backward (2.7% at 128K); in the factored backward the RAT layer runs, an A/B in
+# alternating order (docs/benchmarks/dkv_tma_ab_h100.json) has pointer loads 1.5% faster at 128K
+# and tied at 64K, so no config uses TMA. With the JIT's alignment the bf16 tiles use at most
+# 255 registers and spill at most 280 bytes (``bench kernel_report``). fp32 is the accuracy
+# path: its IEEE dots run on FMA units, least spilled with small tiles.
 CONFIGS = {
     "fwd": KernelConfig(64, 32, 4, 2),
     "fwd_long": KernelConfig(128, 128, 8, 3),
     "dq": KernelConfig(64, 32, 4, 3),
     "dq_long": KernelConfig(128, 64, 8, 3),
     "dkv": KernelConfig(64, 128, 8, 3),
-    "dkv_long": KernelConfig(64, 128, 8, 3, tma=True),
+    "dkv_long": KernelConfig(64, 128, 8, 3),
     "fwd_fp32": KernelConfig(64, 32, 4, 1),
     "dq_fp32": KernelConfig(32, 32, 4, 1),
     "dkv_fp32": KernelConfig(32, 64, 8, 1),
