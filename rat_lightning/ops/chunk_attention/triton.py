@@ -31,13 +31,13 @@ Kernels (tiles in :data:`CONFIGS`):
 
 RoPE (rotate-half: pairs i and i + P/2): every row is loaded as its two halves of P/2, so the
 rotation needs no register permute and a score is the sum of two dots over P/2. Queries are
-rotated in the kernels, once per program; the summaries, 1/L of k, are rotated once per call
-by their own kernel into a (B, C, H, P) copy (rotating them per (query tile, summary tile) pair would load a cos/sin
-tile as large as the K and V tiles together, and keeps more tiles live across the loop); the
-values are read in place, row jL + L - 1 by strided addressing. Cosines and sines come from a
-(positions, P/2) fp32 table built (and cached) by :func:`rat_lightning.ops.rope.rope_angles` in fp64, so the
-kernels rotate with exactly the reference's constants (fp32 angles lose about 1e-3 rad at chunk
-index 8K). The backward rotates gradients back with the transpose rotation.
+rotated in the kernels, once per program; the summaries, 1/L of k, are rotated once per call by
+their own kernel into a (B, C, H, P) copy (rotating them per (query tile, summary tile) pair would
+load a cos/sin tile as large as the K and V tiles together, and keeps more tiles live across the
+loop); the values are read in place, row jL + L - 1 by strided addressing. Cosines and sines come
+from a (positions, P/2) fp32 table built (and cached) by :func:`rat_lightning.ops.rope.rope_angles`
+in fp64, so the kernels rotate with exactly the reference's constants (fp32 angles lose about
+1e-3 rad at chunk index 8K). The backward rotates gradients back with the transpose rotation.
 """
 
 from __future__ import annotations
@@ -686,7 +686,6 @@ def chunk_attention_bwd_kernel_dkv(
     o_bht = i_bh.to(tl.int64) * T
     o_r = o_j * L + L - 1
     o_krow = ((o_bt + o_r) * H + i_h) * P
-    o_qrow = i_b.to(tl.int64) * stride_qb + o_r.to(tl.int64) * stride_qt + i_g * P
     m_jp = m_j[:, None] & m_p[None, :]
     m_jph = m_j[:, None] & m_ph[None, :]
 
@@ -699,6 +698,7 @@ def chunk_attention_bwd_kernel_dkv(
     else:
         # Row jL + L - 1 is also its own query's own state: its term seeds the accumulators (dk in
         # the rotated frame, like the summary term), so the raw rows need not stay live across the loop.
+        o_qrow = i_b.to(tl.int64) * stride_qb + o_r.to(tl.int64) * stride_qt + i_g * P
         b_q1, b_q2 = _load_halves(q, o_qrow, m_j, o_ph, m_ph, P // 2, False)
         b_k1, b_k2 = _load_halves(k, o_krow, m_j, o_ph, m_ph, P // 2, False)
         b_q1, b_q2 = b_q1.to(tl.float32), b_q2.to(tl.float32)
@@ -1048,7 +1048,7 @@ def chunk_attention_bwd_factored(
     dq, dk, dv, dz, do, own_c, own_p = _launch_bwd(
         dy, q, k, v, y, lse, chunk_size, rope_base, scale, gate, dq, dgate, config_dq, config_dkv, factored=True
     )
-    return dq, dz if gate is not None else None, StateGrads(do, rows_contiguous(q), own_c, own_p, dk, dv)
+    return dq, dz if gate is not None else None, StateGrads(do, q, own_c, own_p, dk, dv)
 
 
 @torch.library.custom_op("rat_lightning::chunk_attention_fwd", mutates_args=())

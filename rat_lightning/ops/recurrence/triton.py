@@ -57,7 +57,8 @@ class StateGrads(NamedTuple):
 
     Attributes:
         do: ``(B, T, H, P)`` contiguous, the attention's output gradient dO.
-        q: ``(B, T, G, P)`` the queries (the key groups), last two dims contiguous.
+        q: ``(B, T, G, P)`` the queries (the key groups), read in place where their last two dims
+            are contiguous (a slice of a fused projection).
         c, p: ``(B, T, H)`` fp32 factors.
         dk_summary, dv_summary: ``(B, T // L, H, P)`` contiguous.
     """
