@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from rat_lightning.layers import RAT
+from rat_lightning.ops.chunk_attention.sdpa_lse import cudnn_attention_usable
 from rat_lightning.ops.rat_mixing import rat_mixing, split_projection
 from tests.conftest import assert_close
 
@@ -41,12 +42,21 @@ def _run(h, bias, chunk_size, backend, dy):
     return y, sx, sk, dh, dbias
 
 
+def _skip_unusable(backend: str, dtype: torch.dtype) -> None:
+    if backend == "cudnn" and DEVICE == "cuda" and not cudnn_attention_usable(torch.empty(0, dtype=dtype, device=DEVICE), DIM):
+        pytest.skip("cuDNN's fused attention cannot take this dtype on this GPU")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cudnn"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("length, chunk_size", [(37, 4), (37, 16), (20, 1), (16, 16), (9, 16)])
-def test_triton_matches_reference(length, chunk_size, dtype):
+@pytest.mark.parametrize("length, chunk_size", [(37, 4), (37, 16), (20, 1), (16, 16), (9, 16), (32, 4)])
+def test_triton_matches_reference(length, chunk_size, dtype, backend):
+    """Both paths of the chunk attention (Triton kernels; around cuDNN, whose place a PyTorch
+    stand-in takes on CPU) against the reference: T not a multiple of L, T = L, T < L, L = 1."""
+    _skip_unusable(backend, dtype)
     h, bias = _leaves(2, length, dtype)
     dy = torch.randn(2, length, HEADS * DIM, device=DEVICE).to(dtype)
-    actual = _run(h, bias, chunk_size, "triton", dy)
+    actual = _run(h, bias, chunk_size, backend, dy)
     # The reference in fp32 at the same (rounded) inputs.
     expected = _run(h.detach().float().requires_grad_(), bias, chunk_size, "reference", dy.float())
     rtol = 1e-5 if dtype == torch.float32 else 1e-2
@@ -84,24 +94,30 @@ def test_layer_triton_equals_reference():
         assert_close(a.grad, b.grad, 1e-5, name)
 
 
-def test_compiled_equals_eager():
+@pytest.mark.parametrize("backend", ["triton", "cudnn"])
+def test_compiled_equals_eager(backend):
     """torch.compile sees one opaque op (fullgraph: no graph break) with eager's numbers."""
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    _skip_unusable(backend, dtype)
 
     def loss(h, bias):
-        return rat_mixing(h, bias, HEADS, GROUPS, 4, backend="triton")[0].square().sum()
+        return rat_mixing(h, bias, HEADS, GROUPS, 4, backend=backend)[0].float().square().sum()
 
-    h, bias = _leaves(1, 9, torch.float32)
+    h, bias = _leaves(1, 9, dtype)
     eager = torch.autograd.grad(loss(h, bias), (h, bias))
     compiled = torch.autograd.grad(torch.compile(loss, backend="aot_eager", fullgraph=True)(h, bias), (h, bias))
     for name, a, e in zip(("dh", "dgate_bias"), compiled, eager):
         assert_close(a, e, 0.0, name)
 
 
-def test_custom_op_registration():
+@pytest.mark.parametrize("attention", ["triton", "cudnn"])
+def test_custom_op_registration(attention):
     from rat_lightning.ops.rat_mixing import triton as mixing_triton
 
-    h, bias = _leaves(1, 6, torch.float32)
-    torch.library.opcheck(mixing_triton.rat_mixing_fwd, (h, bias, HEADS, GROUPS, 4, 10000.0))
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    _skip_unusable(attention, dtype)
+    h, bias = _leaves(1, 6, dtype)
+    torch.library.opcheck(mixing_triton.rat_mixing_fwd, (h, bias, HEADS, GROUPS, 4, 10000.0, attention))
 
 
 def test_bad_inputs_are_named():

@@ -98,9 +98,11 @@ def test_fp32_matches_fp64_reference(shape, chunk_size, small_blocks):
 
 
 @pytest.mark.parametrize("length, chunk_size", [(33, 4), (32, 4), (3, 4), (4, 4)])
-def test_factored_state_grads_equal_dense(length, chunk_size):
+@pytest.mark.parametrize("regrouped", [False, True], ids=["tokens", "regrouped"])
+def test_factored_state_grads_equal_dense(length, chunk_size, regrouped):
     """The backward from factored state gradients (StateGrads: the RAT mixing op's path) equals
-    the backward from the same gradients expanded; T <= L runs as one full-sequence block."""
+    the backward from the same gradients expanded; T <= L runs as one full-sequence block. dO
+    in the token layout or regrouped by offset in the chunk (the cuDNN path's)."""
     from rat_lightning.ops.recurrence.triton import StateGrads, recurrence_bwd, recurrence_fwd
 
     batch, heads, groups, dim = 2, 4, 2, 16
@@ -108,10 +110,18 @@ def test_factored_state_grads_equal_dense(length, chunk_size):
     sx, sk = recurrence_fwd(x, g, k, bias, chunk_size)
     chunks = length // chunk_size
     projection = torch.randn(batch, length, (groups + 1) * dim, device=DEVICE)
+    if regrouped:
+        do = torch.randn(batch, heads * chunk_size, -(-length // chunk_size), dim, device=DEVICE)
+    else:
+        do = torch.randn(batch, length, heads, dim, device=DEVICE)
     state_grads = StateGrads(
-        torch.randn(batch, length, heads, dim, device=DEVICE), projection[..., dim:].unflatten(-1, (groups, dim)),
-        *torch.randn(2, batch, length, heads, device=DEVICE), *torch.randn(2, batch, chunks, heads, dim, device=DEVICE),
+        do, projection[..., dim:].unflatten(-1, (groups, dim)), *torch.randn(2, batch, length, heads, device=DEVICE),
+        *torch.randn(2, batch, chunks, heads, dim, device=DEVICE), regrouped=regrouped,
     )  # fmt: skip
+    if regrouped:
+        # The regrouped row of token cL + i, head h is [h L + i, c].
+        t, h = 2 * chunk_size + 1 if length > 2 * chunk_size else 0, 3
+        assert torch.equal(state_grads.do_tokens(chunk_size)[1, t, h], do[1, h * chunk_size + t % chunk_size, t // chunk_size])
     factored = recurrence_bwd(state_grads, None, x, g, k, bias, sx, sk, chunk_size)
     dense = recurrence_bwd(*state_grads.expand(chunk_size), x, g, k, bias, sx, sk, chunk_size)
     for name, a, b in zip(("dx", "dg", "dk", "dbias"), factored, dense):

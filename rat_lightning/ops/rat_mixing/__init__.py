@@ -11,12 +11,18 @@ import importlib.util
 import torch
 
 from rat_lightning.ops.backend import resolve_backend
+from rat_lightning.ops.chunk_attention.sdpa_lse import cudnn_attention_usable
 from rat_lightning.ops.rat_mixing.reference import rat_mixing_reference, split_projection
 
-__all__ = ["rat_mixing", "split_projection"]
+__all__ = ["CUDNN_MIN_CHUNKS", "rat_mixing", "split_projection"]
 
 _AVAILABLE = ("triton",) if importlib.util.find_spec("triton") is not None else ()
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# From this many chunks on, "auto" runs the chunk attention around cuDNN's fused attention where
+# cuDNN can take it (:mod:`rat_lightning.ops.chunk_attention.regrouped`). Its extra passes cost
+# about as much as cuDNN saves over the Triton kernels at 1K chunks (T = 16K at L = 16) on an
+# H100, and it wins from there on (docs/kernels.md).
+CUDNN_MIN_CHUNKS = 2048
 
 
 def rat_mixing(
@@ -37,8 +43,11 @@ def rat_mixing(
         heads, groups: H and G (H % G == 0).
         chunk_size: L.
         rope_base: RoPE base over chunk indices.
-        backend: ``"auto"`` (Triton on CUDA for fp16 / bf16 / fp32, else the reference),
-            ``"reference"`` or ``"triton"`` (also CPU tensors under TRITON_INTERPRET=1).
+        backend: ``"auto"`` (Triton on CUDA for fp16 / bf16 / fp32, with the chunk attention
+            around cuDNN from :data:`CUDNN_MIN_CHUNKS` chunks on where cuDNN takes the dtype and
+            GPU; else the reference), ``"reference"``, ``"triton"`` (the Triton kernels alone;
+            also CPU tensors under TRITON_INTERPRET=1) or ``"cudnn"`` (the cuDNN path at any
+            length; on CPU under TRITON_INTERPRET=1 a PyTorch stand-in takes cuDNN's place).
 
     Returns:
         ``y`` ``(B, T, H * P)`` in h's dtype, differentiable in h and gate_bias; the states
@@ -58,13 +67,22 @@ def rat_mixing(
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     supported = h.dtype in _TRITON_DTYPES
-    if backend == "triton" and not supported:
+    if backend == "cudnn" and h.is_cuda and not cudnn_attention_usable(h, dim):
+        raise ValueError(
+            f"backend='cudnn' needs fp16 / bf16 heads of at most 128 on a Hopper or newer GPU with torch's cuDNN "
+            f"attention enabled, got {h.dtype}, head_dim {dim}; use backend='auto' or 'triton'"
+        )
+    if backend in ("triton", "cudnn") and not supported:
         raise ValueError(f"the Triton kernels take fp16, bf16 or fp32 h, got {h.dtype}; use backend='reference'")
-    if resolve_backend(backend, h, available=_AVAILABLE if supported else ()) == "triton":
+    resolved = resolve_backend("triton" if backend == "cudnn" else backend, h, _AVAILABLE if supported else ())
+    if resolved == "triton":
         if dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {dim}; pick d_model / n_heads even")
         from rat_lightning.ops.rat_mixing.triton import rat_mixing_fwd
 
-        y, sx, sk, _ = rat_mixing_fwd(h, gate_bias, heads, groups, chunk_size, float(rope_base))
+        chunks = -(-h.shape[1] // chunk_size)
+        long_enough = backend == "auto" and chunks >= CUDNN_MIN_CHUNKS and cudnn_attention_usable(h, dim)
+        attention = "cudnn" if backend == "cudnn" or long_enough else "triton"
+        y, sx, sk, _ = rat_mixing_fwd(h, gate_bias, heads, groups, chunk_size, float(rope_base), attention)
         return y, sx, sk
     return rat_mixing_reference(h, gate_bias, heads, groups, chunk_size, rope_base)

@@ -1,7 +1,10 @@
 """The mixing core of a RAT layer as one op over the Triton kernels, with one gradient buffer.
 
 Forward: the recurrence kernel reads x, g, k from the packed projection h in place, and the
-chunk-attention kernel reads q and z there too and writes the gated output y. Backward: one
+chunk attention reads q and z there too and writes the gated output y. The chunk attention runs
+as the flash-style Triton kernels (``attention="triton"``, :mod:`..chunk_attention.triton`) or,
+for long sequences, around cuDNN's fused attention (``attention="cudnn"``,
+:mod:`..chunk_attention.regrouped`); the two save a different log-sum-exp. Backward: one
 buffer dh shaped like h; the chunk-attention kernels write dq and dz into its slices and the
 recurrence kernel dx, dg, dk, so no gradient is concatenated or repeated. The states' gradients
 pass between them factored (:class:`~rat_lightning.ops.recurrence.triton.StateGrads`): two
@@ -13,29 +16,39 @@ from __future__ import annotations
 
 import torch
 
+from rat_lightning.ops.chunk_attention.regrouped import regrouped_attention_bwd, regrouped_attention_fwd
 from rat_lightning.ops.chunk_attention.triton import chunk_attention_bwd_factored, chunk_attention_fwd
 from rat_lightning.ops.rat_mixing.reference import split_projection
 from rat_lightning.ops.recurrence.triton import recurrence_bwd, recurrence_fwd
 
 
+ATTENTION = ("triton", "cudnn")
+
+
 @torch.library.custom_op("rat_lightning::rat_mixing_fwd", mutates_args=())
 def rat_mixing_fwd(
-    h: torch.Tensor, gate_bias: torch.Tensor, heads: int, groups: int, chunk_size: int, rope_base: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    h: torch.Tensor, gate_bias: torch.Tensor, heads: int, groups: int, chunk_size: int, rope_base: float,
+    attention: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(y, sx, sk, lse)``: y ``(B, T, H * P)`` and the states ``(B, T, H, P)`` in h's dtype, lse
-    ``(B, H, T)`` fp32 (see :func:`.chunk_attention.triton.chunk_attention_fwd`)."""
+    fp32 ``(B, H, T)`` (``attention="triton"``, see :func:`.chunk_attention.triton.chunk_attention_fwd`)
+    or ``(B, H L, ceil(T / L) - 1)`` (``"cudnn"``, :func:`.chunk_attention.regrouped.regrouped_attention_fwd`)."""
     z, x, g, q, k = split_projection(h, heads, groups)
     sx, sk = recurrence_fwd(x, g, k, gate_bias, chunk_size)
-    y, lse = chunk_attention_fwd(q, sk, sx, chunk_size, rope_base, x.shape[-1] ** -0.5, gate=z)
+    forward = regrouped_attention_fwd if attention == "cudnn" else chunk_attention_fwd
+    y, lse = forward(q, sk, sx, chunk_size, rope_base, x.shape[-1] ** -0.5, gate=z)
     return y.flatten(2), sx, sk, lse
 
 
 @rat_mixing_fwd.register_fake
-def _fwd_fake(h, gate_bias, heads, groups, chunk_size, rope_base):
+def _fwd_fake(h, gate_bias, heads, groups, chunk_size, rope_base, attention):
     batch, length, width = h.shape
     dim = width // (3 * heads + 2 * groups)
     states = h.new_empty(batch, length, heads, dim)
-    lse = h.new_empty(batch, heads, length, dtype=torch.float32)
+    if attention == "cudnn":
+        lse = h.new_empty(batch, heads * chunk_size, max(-(-length // chunk_size) - 1, 0), dtype=torch.float32)
+    else:
+        lse = h.new_empty(batch, heads, length, dtype=torch.float32)
     return h.new_empty(batch, length, heads * dim), states, torch.empty_like(states), lse
 
 
@@ -52,12 +65,14 @@ def rat_mixing_bwd(
     groups: int,
     chunk_size: int,
     rope_base: float,
+    attention: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dh, dgate_bias)``: the gradient of h written slice by slice into one buffer."""
     z, x, g, q, k = split_projection(h, heads, groups)
     dh = torch.empty_like(h)
     dz, dx, dg, dq, dk = split_projection(dh, heads, groups)
-    _, _, state_grads = chunk_attention_bwd_factored(
+    backward = regrouped_attention_bwd if attention == "cudnn" else chunk_attention_bwd_factored
+    _, _, state_grads = backward(
         dy.unflatten(-1, sx.shape[2:]), q, sk, sx, y.unflatten(-1, sx.shape[2:]), lse, chunk_size, rope_base,
         x.shape[-1] ** -0.5, z, dq=dq, dgate=dz,
     )  # fmt: skip
@@ -66,15 +81,15 @@ def rat_mixing_bwd(
 
 
 @rat_mixing_bwd.register_fake
-def _bwd_fake(dy, h, gate_bias, y, sx, sk, lse, heads, groups, chunk_size, rope_base):
+def _bwd_fake(dy, h, gate_bias, y, sx, sk, lse, heads, groups, chunk_size, rope_base, attention):
     return torch.empty_like(h), torch.empty_like(gate_bias)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    h, gate_bias, heads, groups, chunk_size, rope_base = inputs
+    h, gate_bias, heads, groups, chunk_size, rope_base, attention = inputs
     y, sx, sk, lse = output
     ctx.save_for_backward(h, gate_bias, y, sx, sk, lse)
-    ctx.args = (heads, groups, chunk_size, rope_base)
+    ctx.args = (heads, groups, chunk_size, rope_base, attention)
     ctx.mark_non_differentiable(sx, sk, lse)
     # Else autograd fills zero gradients for the three non-differentiable outputs before every
     # backward: two (B, T, H, P) fills, 0.65 ms of a 4K layer's 55 ms step on an H100.
@@ -83,10 +98,10 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, dy, dsx, dsk, dlse):
     if dy is None:
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     h, gate_bias, y, sx, sk, lse = ctx.saved_tensors
     dh, dbias = rat_mixing_bwd(dy, h, gate_bias, y, sx, sk, lse, *ctx.args)
-    return dh, dbias, None, None, None, None
+    return dh, dbias, None, None, None, None, None
 
 
 rat_mixing_fwd.register_autograd(_backward, setup_context=_setup_context)

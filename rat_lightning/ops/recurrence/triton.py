@@ -56,11 +56,14 @@ class StateGrads(NamedTuple):
     token and head replace two gradient rows.
 
     Attributes:
-        do: ``(B, T, H, P)`` contiguous, the attention's output gradient dO.
+        do: the attention's output gradient dO, ``(B, T, H, P)`` contiguous, or with ``regrouped``
+            ``(B, H * L, C, P)`` contiguous, element ``[b, h L + i, c]`` the row of token cL + i
+            (:mod:`rat_lightning.ops.chunk_attention.regrouped`, C = ceil(T / L)).
         q: ``(B, T, G, P)`` the queries (the key groups), read in place where their last two dims
             are contiguous (a slice of a fused projection).
         c, p: ``(B, T, H)`` fp32 factors.
         dk_summary, dv_summary: ``(B, T // L, H, P)`` contiguous.
+        regrouped: the layout of do.
     """
 
     do: torch.Tensor
@@ -69,11 +72,26 @@ class StateGrads(NamedTuple):
     p: torch.Tensor
     dk_summary: torch.Tensor
     dv_summary: torch.Tensor
+    regrouped: bool = False
+
+    def do_strides(self, chunk_size: int) -> tuple[int, int, int, int]:
+        """Element strides of dO by (batch, chunk, offset in the chunk, head)."""
+        if self.regrouped:
+            return self.do.stride(0), self.do.stride(2), self.do.stride(1), chunk_size * self.do.stride(1)
+        return self.do.stride(0), chunk_size * self.do.stride(1), self.do.stride(1), self.do.stride(2)
+
+    def do_tokens(self, chunk_size: int) -> torch.Tensor:
+        """dO ``(B, T, H, P)`` (a copy when regrouped)."""
+        if not self.regrouped:
+            return self.do
+        batch, rows, chunks, dim = self.do.shape
+        tokens = self.do.unflatten(1, (rows // chunk_size, chunk_size)).permute(0, 3, 2, 1, 4)
+        return tokens.reshape(batch, chunks * chunk_size, rows // chunk_size, dim)[:, : self.c.shape[1]]
 
     def expand(self, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The dense ``(ds_x, ds_k)``, each ``(B, T, H, P)`` in dO's dtype."""
-        heads = self.do.shape[2]
-        dsx = self.p[..., None] * self.do.float()
+        heads = self.c.shape[2]
+        dsx = self.p[..., None] * self.do_tokens(chunk_size).float()
         dsk = self.c[..., None] * self.q.float().repeat_interleave(heads // self.q.shape[2], dim=2)
         ends = slice(chunk_size - 1, self.dk_summary.shape[1] * chunk_size, chunk_size)
         dsx[:, ends] += self.dv_summary.float()
@@ -343,6 +361,10 @@ def recurrence_bwd_kernel_chunk(
     stride_dgt,
     stride_dkb,
     stride_dkt,
+    stride_dob,
+    stride_doc,
+    stride_doi,
+    stride_doh,
     T,
     NB,
     NBT,
@@ -377,7 +399,8 @@ def recurrence_bwd_kernel_chunk(
     hx, hk (``a_{t0} d_{t0}`` of the block's local scan) and ha (its gate product) are written.
     FACTORED (restart form with k, :class:`StateGrads`): dsx is dO ``(B, T, H, P)`` and the state
     gradients are ``ds_x = own_p dO``, ``ds_k = own_c sq`` (own_c, own_p ``(B, T, H)`` fp32, sq the
-    queries ``(B, T, G, P)`` with batch / time strides), plus at the end of each of the C full
+    queries ``(B, T, G, P)`` with batch / time strides; dO read with strides by (batch, chunk,
+    offset in the chunk, head), so in either layout of :class:`StateGrads`), plus at the end of each of the C full
     chunks its summary gradients dvs, dks ``(B, C, H, P)``, which enter the scan as its carry.
     """
     i_n, i_c = tl.program_id(0), tl.program_id(1)
@@ -430,16 +453,21 @@ def recurrence_bwd_kernel_chunk(
         b_a = tl.where(m, b_a, 1.0)
         b_1ma = tl.where(m, b_1ma, 0.0)
         o_s = (o_b * T + o_t)[:, None, None] * (H * P) + o_d[None, :, :]
-        b_dsx = tl.load(dsx + o_s, mask=m, other=0.0).to(tl.float32)
         if FACTORED:
+            o_do = (o_b * stride_dob + (o_n % NB) * stride_doc + i * stride_doi)[:, None, None] + (
+                (i_g * HPG + o_hh) * stride_doh
+            )[None, :, None] + o_p[None, None, :]
+            b_dsx = tl.load(dsx + o_do, mask=m, other=0.0).to(tl.float32)
             o_own = ((o_b * T + o_t) * H + i_g * HPG)[:, None] + o_hh[None, :]
             m_own = m_t[:, None] & (o_hh < HPG)[None, :]
             b_dsx *= tl.load(own_p + o_own, mask=m_own, other=0.0)[:, :, None]
             p_q = sq + (o_b * stride_qb + o_t * stride_qt)[:, None] + o_dk[None, :]
             b_q = tl.load(p_q, mask=m_t[:, None] & m_p[None, :], other=0.0).to(tl.float32)
             b_dsk = tl.load(own_c + o_own, mask=m_own, other=0.0)[:, :, None] * b_q[:, None, :]
-        elif HAS_K:
-            b_dsk = tl.load(dsk + o_s, mask=m, other=0.0).to(tl.float32)
+        else:
+            b_dsx = tl.load(dsx + o_s, mask=m, other=0.0).to(tl.float32)
+            if HAS_K:
+                b_dsk = tl.load(dsk + o_s, mask=m, other=0.0).to(tl.float32)
         b_dx = b_dsx + b_rx
         if HAS_K:
             b_dk = b_dsk + b_rk
@@ -651,12 +679,14 @@ def recurrence_bwd(
             # One chunk holds the sequence and runs as the full-sequence scan: expand (T <= L, short).
             (dsx, dsk), factored = factored.expand(chunk_size), None
         else:
+            if factored.do.stride(-1) != 1:
+                factored = factored._replace(do=factored.do.contiguous())
             dsx = factored.do
     chunk_size = _effective_chunk(chunk_size, x.shape[1])
     x, g = rows_contiguous(x), rows_contiguous(g)
     k = rows_contiguous(k) if k is not None else None
     bias = gate_bias.contiguous() if gate_bias is not None else None
-    dsx = dsx.contiguous()
+    dsx = dsx.contiguous() if factored is None else dsx  # a factored dO is read with its strides
     sx = sx.contiguous()
     if k is not None:
         dsk = dsk.contiguous() if dsk is not None else (dsx if factored is not None else torch.zeros_like(sx))
@@ -688,12 +718,12 @@ def recurrence_bwd(
         # The restart form here has L < T, so at least one full chunk and a non-empty summary buffer.
         chunks = factored.dk_summary.shape[1]
         own = (rows_contiguous(factored.q), factored.c, factored.p, factored.dk_summary, factored.dv_summary)
-        own_strides = (own[0].stride(0), own[0].stride(1))
+        own_strides = (own[0].stride(0), own[0].stride(1), *factored.do_strides(chunk_size))
     else:
-        chunks, own, own_strides = 0, (dsx,) * 5, (0, 0)
+        chunks, own, own_strides = 0, (dsx,) * 5, (0,) * 6
     strides = (
-        x.stride(0), x.stride(1), g.stride(0), g.stride(1), kk.stride(0), kk.stride(1), *own_strides,
-        dx.stride(0), dx.stride(1), dg.stride(0), dg.stride(1), dkk.stride(0), dkk.stride(1),
+        x.stride(0), x.stride(1), g.stride(0), g.stride(1), kk.stride(0), kk.stride(1), *own_strides[:2],
+        dx.stride(0), dx.stride(1), dg.stride(0), dg.stride(1), dkk.stride(0), dkk.stride(1), *own_strides[2:],
     )  # fmt: skip
     common = dict(HAS_K=k is not None, HAS_BIAS=bias is not None, RESTART=chunk_size is not None, **meta)
     bias_arg = bias if bias is not None else x

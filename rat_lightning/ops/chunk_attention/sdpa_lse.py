@@ -1,0 +1,107 @@
+"""Causal grouped-query attention through a library kernel, with the log-sum-exp in and out.
+
+cuDNN's fused attention (Hopper's wgmma / TMA / warp-specialised kernels, 1.5-1.8x faster than
+flash at RAT's long-context inter-chunk attention) is reached through torch's private aten ops,
+which, unlike ``F.scaled_dot_product_attention``, return the log-sum-exp and take ``out`` and the
+log-sum-exp back in the backward. That is what lets the caller merge extra softmax terms (RAT's
+own state) into the output, and get exact gradients by handing the backward the *merged* output
+and log-sum-exp: the kernel then recomputes P from the full softmax's normaliser and
+delta = rowsum(dO * O) from the full output, as ring attention does with its partial blocks.
+
+Tensors are ``(B, heads, S, P)`` with any strides whose last dim is contiguous; the query heads
+are a multiple of the key heads (query head i reads key head i // (Hq / Hk)). Causal: query s
+sees keys 0..s. Off CUDA (the kernels' tests under TRITON_INTERPRET=1) the same contract runs in
+plain PyTorch (:func:`_torch_fwd`, :func:`_torch_bwd`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def cudnn_attention_usable(x: torch.Tensor, head_dim: int) -> bool:
+    """Whether cuDNN's fused attention can take heads of ``head_dim`` in ``x``'s dtype on its device
+    (fp16 / bf16 on a Hopper-or-newer GPU, head dim a multiple of 8 up to 128, torch's cuDNN SDPA
+    backend enabled). Other GPUs are left out: the speed that makes the path worth taking was
+    measured on an H100 only."""
+    return (
+        x.is_cuda
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and head_dim <= 128
+        and head_dim % 8 == 0
+        and torch.backends.cuda.cudnn_sdp_enabled()
+        and torch.cuda.get_device_capability(x.device)[0] >= 9
+    )
+
+
+def attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(o, lse)``: o ``(B, Hq, S, P)`` in q's dtype, lse ``(B, Hq, S)`` fp32 natural-log
+    log-sum-exp of the scaled scores (a view; its last dim has stride 1)."""
+    if not q.is_cuda:
+        return _torch_fwd(q, k, v, scale)
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=scale)
+    return out[0], out[1][..., 0]
+
+
+def attention_with_lse_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of the attention whose probabilities are ``exp(scale q.k - lse)`` and whose
+    output is ``o``: pass the merged o and lse of a larger softmax to get that softmax's gradients
+    through these keys.
+
+    Args:
+        do, o: ``(B, Hq, S, P)`` with the same strides as q; lse ``(B, Hq, S)`` fp32 contiguous.
+    """
+    if not q.is_cuda:
+        return _torch_bwd(do, q, k, v, o, lse, scale)
+    length = q.shape[2]
+    seed = torch.empty((), dtype=torch.int64, device=q.device)
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        do, q, k, v, o, lse[..., None], seed, seed, None, None, None, length, k.shape[2], 0.0, True, scale=scale
+    )
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """fp32 causal scores ``(B, Hq, S, S)``, -inf above the diagonal."""
+    keys = k.float().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    s = q.float() @ keys.transpose(-1, -2) * scale
+    causal = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
+    return s.masked_fill(~causal, float("-inf"))
+
+
+def _group_sum(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Sum ``(B, Hq, S, P)`` over the query heads of each key head: ``(B, heads, S, P)``."""
+    return x.unflatten(1, (heads, -1)).sum(2)
+
+
+def _torch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    s = _scores(q, k, scale)
+    lse = torch.logsumexp(s, dim=-1)
+    o = torch.exp(s - lse[..., None]) @ v.float().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    return o.to(q.dtype), lse
+
+
+def _torch_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    heads = k.shape[1]
+    p = torch.exp(_scores(q, k, scale) - lse[..., None].float())
+    do32 = do.float()
+    values = v.float().repeat_interleave(q.shape[1] // heads, dim=1)
+    delta = (do32 * o.float()).sum(-1, keepdim=True)
+    ds = p * (do32 @ values.transpose(-1, -2) - delta)
+    keys = k.float().repeat_interleave(q.shape[1] // heads, dim=1)
+    dq = ds @ keys * scale
+    dk = _group_sum(ds.transpose(-1, -2) @ q.float(), heads) * scale
+    dv = _group_sum(p.transpose(-1, -2) @ do32, heads)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
