@@ -50,12 +50,15 @@ def bench_layer(
     dtype: torch.dtype = torch.bfloat16,
     reference_max_len: int = 16384,
     baselines: bool = True,
+    rat_backends: tuple[str, ...] = ("auto",),
 ) -> list[dict]:
     """Time RAT (default backend), RAT reference under torch.compile, attention, and the floor parts.
 
     Args:
         reference_max_len: longest T at which the compiled reference is timed.
         baselines: also time the attention layer and the compiled reference (else RAT and the floors).
+        rat_backends: the RAT layer's backends to time, one variant each: ``"rat"`` for "auto",
+            ``"rat_<backend>"`` for the others (e.g. "triton": the Triton kernels without cuDNN).
 
     Returns:
         One dict per (T, variant) with ``fwd_bwd_ms`` and ``fwd_ms``.
@@ -67,7 +70,13 @@ def bench_layer(
         x = torch.randn(batch, length, d_model, device=device, dtype=dtype, requires_grad=True)
         rat = RAT(d_model, heads, groups, chunk_size).to(device, dtype)
         attention = Attention(d_model, heads).to(device, dtype)
-        variants: dict[str, torch.nn.Module] = {"rat": rat, "attention_sdpa": attention} if baselines else {"rat": rat}
+        variants: dict[str, torch.nn.Module] = {}
+        for backend in rat_backends:
+            layer = RAT(d_model, heads, groups, chunk_size, backend=backend).to(device, dtype)
+            layer.load_state_dict(rat.state_dict())
+            variants["rat" if backend == "auto" else f"rat_{backend}"] = layer
+        if baselines:
+            variants["attention_sdpa"] = attention
         # The reference materialises T x T/L scores: past 16K they no longer fit in memory.
         if baselines and length <= reference_max_len:
             reference = RAT(d_model, heads, groups, chunk_size, backend="reference").to(device, dtype)
@@ -118,11 +127,17 @@ def bench_layer(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Print the table and write JSON to ``argv[0]`` if given; ``--no-baselines`` times RAT and the floors only."""
+    """Print the table and write JSON to ``argv[0]`` if given; ``--no-baselines`` times RAT and the
+    floors only; ``--rat-backends auto,triton`` times the RAT layer with each backend."""
     argv = sys.argv[1:] if argv is None else argv
     baselines = "--no-baselines" not in argv
     argv = [arg for arg in argv if arg != "--no-baselines"]
-    rows = bench_layer(baselines=baselines)
+    backends = ("auto",)
+    if "--rat-backends" in argv:
+        at = argv.index("--rat-backends")
+        backends = tuple(argv[at + 1].split(","))
+        del argv[at : at + 2]
+    rows = bench_layer(baselines=baselines, rat_backends=backends)
     for row in rows:
         fwd = row.get("fwd_ms", float("nan"))
         print(f"{row['T']:>7} {row['variant']:<26} fwd+bwd {row['fwd_bwd_ms']:8.2f} ms  fwd {fwd:8.2f} ms")

@@ -121,7 +121,8 @@ def test_factored_state_grads_equal_dense(length, chunk_size, regrouped):
     if regrouped:
         # The regrouped row of token cL + i, head h is [h L + i, c].
         t, h = 2 * chunk_size + 1 if length > 2 * chunk_size else 0, 3
-        assert torch.equal(state_grads.do_tokens(chunk_size)[1, t, h], do[1, h * chunk_size + t % chunk_size, t // chunk_size])
+        row = do[1, h * chunk_size + t % chunk_size, t // chunk_size]
+        assert torch.equal(state_grads.do_tokens(chunk_size)[1, t, h], row)
     factored = recurrence_bwd(state_grads, None, x, g, k, bias, sx, sk, chunk_size)
     dense = recurrence_bwd(*state_grads.expand(chunk_size), x, g, k, bias, sx, sk, chunk_size)
     for name, a, b in zip(("dx", "dg", "dk", "dbias"), factored, dense):

@@ -37,7 +37,12 @@ from rat_lightning.ops.layout import check_output, rows_contiguous
 from rat_lightning.ops.recurrence.triton import StateGrads
 from rat_lightning.ops.triton_common import check_device, col_mask, is_interpreted, to_store
 
-__all__ = ["regrouped_attention_bwd", "regrouped_attention_fwd"]
+__all__ = ["WARPS", "regrouped_attention_bwd", "regrouped_attention_fwd"]
+
+# Warps per program. The backward's preparation holds about a dozen (L, P) fp32 tiles: at 4 warps
+# it takes 229 registers (Triton 3.6, sm_90), two programs per SM; at 8, 115. On the H100 at 64K,
+# 8 warps ran the op's forward+backward in 44.3 / 45.5 ms, 4 in 46.1 / 47.4, 16 in 46.4 / 47.3.
+WARPS = {"regroup": 4, "merge": 4, "prepare": 8, "add": 4, "move": 4}
 
 
 @triton.jit
@@ -180,7 +185,7 @@ def prepare_backward_kernel(
     b_r1, b_r2 = _rotate(b_q1, b_q2, b_cos, b_sin)
     b_dq1 = tl.zeros([BLOCK_L, BLOCK_PH], dtype=tl.float32)
     b_dq2 = tl.zeros([BLOCK_L, BLOCK_PH], dtype=tl.float32)
-    for i_hh in tl.static_range(HPG):
+    for i_hh in range(HPG):
         i_h = i_g * HPG + i_hh
         o_row = (i_b * T + o_t) * H + i_h
         b_k1, b_k2 = _load_halves(sk, o_row * P, m_t, o_ph, m_ph, P // 2, False)
@@ -215,9 +220,7 @@ def prepare_backward_kernel(
         tl.store(do_buf + p_reg, to_store(b_do, do_buf.dtype.element_ty, EMULATE), mask=m_reg)
         tl.store(o_buf + p_reg, to_store(b_o, o_buf.dtype.element_ty, EMULATE), mask=m_reg)
         _store_halves(qr, o_reg, o_i < L, o_ph, m_ph, b_r1, b_r2, P // 2, EMULATE)
-    _store_halves(
-        dq + i_b * stride_dqb + i_g * P, o_t * stride_dqt, m_t, o_ph, m_ph, b_dq1, b_dq2, P // 2, EMULATE
-    )
+    _store_halves(dq + i_b * stride_dqb + i_g * P, o_t * stride_dqt, m_t, o_ph, m_ph, b_dq1, b_dq2, P // 2, EMULATE)
 
 
 @triton.jit
@@ -273,7 +276,7 @@ def _summaries(sk: torch.Tensor, sx: torch.Tensor, chunk_size: int, cos: torch.T
         move_summaries_kernel[(triton.cdiv(rows, block), heads)](
             src_k, src_v, keys, values, cos, sin, rows, count, count, src_k.stride(0), src_k.stride(1),
             src_k.stride(2), keys.stride(0), keys.stride(2), keys.stride(1), P=dim, BLOCK_R=block,
-            BLOCK_PH=opts["BLOCK_PH"], INVERSE=False, EMULATE=opts["EMULATE"], num_warps=4,
+            BLOCK_PH=opts["BLOCK_PH"], INVERSE=False, EMULATE=opts["EMULATE"], num_warps=WARPS["move"],
         )  # fmt: skip
     return keys, values
 
@@ -317,7 +320,7 @@ def regrouped_attention_fwd(
         qr = q.new_empty(batch, heads * chunk_size, chunks, dim)
         regroup_queries_kernel[(batch * chunks, q.shape[2])](
             q, qr, cos, sin, length, chunks, chunk_size, q.stride(0), q.stride(1), qr.stride(0), qr.stride(1),
-            qr.stride(2), HPG=hpg, num_warps=4, **opts,
+            qr.stride(2), HPG=hpg, num_warps=WARPS["regroup"], **opts,
         )  # fmt: skip
         keys, values = _summaries(k, v, chunk_size, cos, sin, opts)
         o_lib, lse_lib = attention_with_lse(qr[:, :, 1:], keys, values, scale)
@@ -327,7 +330,7 @@ def regrouped_attention_fwd(
         q, k, v, z, o_lib, lse_lib, y, lse, length, chunks, chunk_size, q.stride(0), q.stride(1), z.stride(0),
         z.stride(1), o_lib.stride(0), o_lib.stride(1), o_lib.stride(2), lse_lib.stride(0), lse_lib.stride(1),
         scale, H=heads, HPG=hpg, BLOCK_P=max(16, triton.next_power_of_2(dim)), GATED=gate is not None,
-        num_warps=4, P=dim, BLOCK_L=opts["BLOCK_L"], EMULATE=opts["EMULATE"],
+        num_warps=WARPS["merge"], P=dim, BLOCK_L=opts["BLOCK_L"], EMULATE=opts["EMULATE"],
     )  # fmt: skip
     return y, lse
 
@@ -386,7 +389,7 @@ def regrouped_attention_bwd(
         q, k, v, z, y, dy, lse, qr, o_reg, do_reg, dz, dq, own_c, own_p, cos, sin, length, chunks, chunk_size,
         q.stride(0), q.stride(1), z.stride(0), z.stride(1), dz.stride(0), dz.stride(1), dq.stride(0), dq.stride(1),
         qr.stride(0), qr.stride(1), qr.stride(2), lse.stride(0), lse.stride(1), scale,
-        H=heads, HPG=hpg, BLOCK_P=block_p, GATED=gate is not None, num_warps=4, **opts,
+        H=heads, HPG=hpg, BLOCK_P=block_p, GATED=gate is not None, num_warps=WARPS["prepare"], **opts,
     )  # fmt: skip
     if chunks > 1:
         keys, values = _summaries(k, v, chunk_size, cos, sin, opts)
@@ -396,13 +399,14 @@ def regrouped_attention_bwd(
         )
         add_query_grads_kernel[(batch * (chunks - 1), q.shape[2])](
             dq_lib, dq, cos, sin, length, chunks, chunk_size, dq_lib.stride(0), dq_lib.stride(1), dq_lib.stride(2),
-            dq.stride(0), dq.stride(1), HPG=hpg, num_warps=4, **opts,
+            dq.stride(0), dq.stride(1), HPG=hpg, num_warps=WARPS["add"], **opts,
         )  # fmt: skip
         if full:
             rows, block = batch * full, 32
             move_summaries_kernel[(triton.cdiv(rows, block), heads)](
                 dk_lib, dv_lib, dk_sum, dv_sum, cos, sin, rows, full, chunks - 1, dk_lib.stride(0),
                 dk_lib.stride(2), dk_lib.stride(1), dk_sum.stride(0), dk_sum.stride(1), dk_sum.stride(2), P=dim,
-                BLOCK_R=block, BLOCK_PH=opts["BLOCK_PH"], INVERSE=True, EMULATE=opts["EMULATE"], num_warps=4,
+                BLOCK_R=block, BLOCK_PH=opts["BLOCK_PH"], INVERSE=True, EMULATE=opts["EMULATE"],
+                num_warps=WARPS["move"],
             )  # fmt: skip
     return dq, dz if gate is not None else None, state_grads

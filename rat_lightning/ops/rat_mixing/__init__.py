@@ -14,7 +14,7 @@ from rat_lightning.ops.backend import resolve_backend
 from rat_lightning.ops.chunk_attention.sdpa_lse import cudnn_attention_usable
 from rat_lightning.ops.rat_mixing.reference import rat_mixing_reference, split_projection
 
-__all__ = ["CUDNN_MIN_CHUNKS", "rat_mixing", "split_projection"]
+__all__ = ["CUDNN_MIN_CHUNKS", "attention_path", "rat_mixing", "split_projection"]
 
 _AVAILABLE = ("triton",) if importlib.util.find_spec("triton") is not None else ()
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -23,6 +23,22 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # about as much as cuDNN saves over the Triton kernels at 1K chunks (T = 16K at L = 16) on an
 # H100, and it wins from there on (docs/kernels.md).
 CUDNN_MIN_CHUNKS = 2048
+
+
+def attention_path(h: torch.Tensor, head_dim: int, chunk_size: int, backend: str) -> str:
+    """Which chunk attention the Triton op runs for ``h`` ``(B, T, ...)``: ``"cudnn"`` when asked, or
+    under ``"auto"`` from :data:`CUDNN_MIN_CHUNKS` chunks on where cuDNN takes h; else ``"triton"``."""
+    if backend == "cudnn":
+        return "cudnn"
+    chunks = -(-h.shape[1] // chunk_size)
+    # cuDNN's backward sums dq in an order that varies between runs; the Triton kernels do not.
+    long_enough = (
+        backend == "auto"
+        and chunks >= CUDNN_MIN_CHUNKS
+        and cudnn_attention_usable(h, head_dim)
+        and not torch.are_deterministic_algorithms_enabled()
+    )
+    return "cudnn" if long_enough else "triton"
 
 
 def rat_mixing(
@@ -45,9 +61,10 @@ def rat_mixing(
         rope_base: RoPE base over chunk indices.
         backend: ``"auto"`` (Triton on CUDA for fp16 / bf16 / fp32, with the chunk attention
             around cuDNN from :data:`CUDNN_MIN_CHUNKS` chunks on where cuDNN takes the dtype and
-            GPU; else the reference), ``"reference"``, ``"triton"`` (the Triton kernels alone;
-            also CPU tensors under TRITON_INTERPRET=1) or ``"cudnn"`` (the cuDNN path at any
-            length; on CPU under TRITON_INTERPRET=1 a PyTorch stand-in takes cuDNN's place).
+            GPU, unless ``torch.use_deterministic_algorithms`` is on; else the reference),
+            ``"reference"``, ``"triton"`` (the Triton kernels alone; also CPU tensors under
+            TRITON_INTERPRET=1) or ``"cudnn"`` (the cuDNN path at any length; on CPU under
+            TRITON_INTERPRET=1 a PyTorch stand-in takes cuDNN's place).
 
     Returns:
         ``y`` ``(B, T, H * P)`` in h's dtype, differentiable in h and gate_bias; the states
@@ -80,9 +97,7 @@ def rat_mixing(
             raise ValueError(f"RoPE needs an even head_dim, got {dim}; pick d_model / n_heads even")
         from rat_lightning.ops.rat_mixing.triton import rat_mixing_fwd
 
-        chunks = -(-h.shape[1] // chunk_size)
-        long_enough = backend == "auto" and chunks >= CUDNN_MIN_CHUNKS and cudnn_attention_usable(h, dim)
-        attention = "cudnn" if backend == "cudnn" or long_enough else "triton"
+        attention = attention_path(h, dim, chunk_size, backend)
         y, sx, sk, _ = rat_mixing_fwd(h, gate_bias, heads, groups, chunk_size, float(rope_base), attention)
         return y, sx, sk
     return rat_mixing_reference(h, gate_bias, heads, groups, chunk_size, rope_base)

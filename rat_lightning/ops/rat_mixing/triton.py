@@ -21,7 +21,6 @@ from rat_lightning.ops.chunk_attention.triton import chunk_attention_bwd_factore
 from rat_lightning.ops.rat_mixing.reference import split_projection
 from rat_lightning.ops.recurrence.triton import recurrence_bwd, recurrence_fwd
 
-
 ATTENTION = ("triton", "cudnn")
 
 

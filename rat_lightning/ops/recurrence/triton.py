@@ -454,9 +454,11 @@ def recurrence_bwd_kernel_chunk(
         b_1ma = tl.where(m, b_1ma, 0.0)
         o_s = (o_b * T + o_t)[:, None, None] * (H * P) + o_d[None, :, :]
         if FACTORED:
-            o_do = (o_b * stride_dob + (o_n % NB) * stride_doc + i * stride_doi)[:, None, None] + (
-                (i_g * HPG + o_hh) * stride_doh
-            )[None, :, None] + o_p[None, None, :]
+            o_do = (
+                (o_b * stride_dob + (o_n % NB) * stride_doc + i * stride_doi)[:, None, None]
+                + ((i_g * HPG + o_hh) * stride_doh)[None, :, None]
+                + o_p[None, None, :]
+            )
             b_dsx = tl.load(dsx + o_do, mask=m, other=0.0).to(tl.float32)
             o_own = ((o_b * T + o_t) * H + i_g * HPG)[:, None] + o_hh[None, :]
             m_own = m_t[:, None] & (o_hh < HPG)[None, :]
