@@ -10,8 +10,8 @@ delta = rowsum(dO * O) from the full output, as ring attention does with its par
 
 Tensors are ``(B, heads, S, P)`` with any strides whose last dim is contiguous; the query heads
 are a multiple of the key heads (query head i reads key head i // (Hq / Hk)). Causal: query s
-sees keys 0..s. Off CUDA (the kernels' tests under TRITON_INTERPRET=1) the same contract runs in
-plain PyTorch (:func:`_torch_fwd`, :func:`_torch_bwd`).
+sees keys 0..s. Off CUDA (the kernels' tests under TRITON_INTERPRET=1), and for the one position
+cuDNN refuses, the same contract runs in plain PyTorch (:func:`_torch_fwd`, :func:`_torch_bwd`).
 """
 
 from __future__ import annotations
@@ -29,9 +29,15 @@ def cudnn_attention_usable(x: torch.Tensor, head_dim: int) -> bool:
         and x.dtype in (torch.float16, torch.bfloat16)
         and head_dim <= 128
         and head_dim % 8 == 0
-        and torch.backends.cuda.cudnn_sdp_enabled()
-        and torch.cuda.get_device_capability(x.device)[0] >= 9
+        and _cudnn_ready(x.device.index)
     )
+
+
+@torch.compiler.assume_constant_result
+def _cudnn_ready(device_index: int) -> bool:
+    """torch's cuDNN SDPA backend enabled and GPU ``device_index`` a Hopper or newer. A constant to
+    torch.compile, which cannot trace these queries (a graph break per call otherwise)."""
+    return torch.backends.cuda.cudnn_sdp_enabled() and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def attention_with_lse(
@@ -39,7 +45,7 @@ def attention_with_lse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(o, lse)``: o ``(B, Hq, S, P)`` in q's dtype, lse ``(B, Hq, S)`` fp32 natural-log
     log-sum-exp of the scaled scores (a view; its last dim has stride 1)."""
-    if not q.is_cuda:
+    if not q.is_cuda or q.shape[2] == 1:  # cuDNN refuses one position ("s_q = s_kv = 1 is not supported")
         return _torch_fwd(q, k, v, scale)
     out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=scale)
     return out[0], out[1][..., 0]
@@ -61,7 +67,7 @@ def attention_with_lse_backward(
     Args:
         do, o: ``(B, Hq, S, P)`` with the same strides as q; lse ``(B, Hq, S)`` fp32 contiguous.
     """
-    if not q.is_cuda:
+    if not q.is_cuda or q.shape[2] == 1:
         return _torch_bwd(do, q, k, v, o, lse, scale)
     length = q.shape[2]
     seed = torch.empty((), dtype=torch.int64, device=q.device)

@@ -36,9 +36,15 @@ def attention_path(h: torch.Tensor, head_dim: int, chunk_size: int, backend: str
         backend == "auto"
         and chunks >= CUDNN_MIN_CHUNKS
         and cudnn_attention_usable(h, head_dim)
-        and not torch.are_deterministic_algorithms_enabled()
+        and not _deterministic()
     )
     return "cudnn" if long_enough else "triton"
+
+
+@torch.compiler.assume_constant_result
+def _deterministic() -> bool:
+    """``torch.use_deterministic_algorithms`` on (a constant to torch.compile, which guards on it)."""
+    return torch.are_deterministic_algorithms_enabled()
 
 
 def rat_mixing(
