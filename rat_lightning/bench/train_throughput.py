@@ -1,9 +1,9 @@
 """Model-level training throughput and MFU on one GPU: the 1.3B RAT and attention models.
 
     python -m rat_lightning.bench.train_throughput out.json [--mixers rat attention] [--modes eager compile]
-        [--accumulate 1 8] [--profile]
+        [--accumulate 1 8] [--profile] [--seq-len 4096] [--backends auto triton]
 
-Each model trains on random tokens at seq 4096 in bf16 autocast with fp32 master weights and
+Each model trains on random tokens at seq 4096 (``--seq-len``) in bf16 autocast with fp32 master weights and
 fused AdamW (the optimizer step included in the time), eager and under torch.compile (the model
 and the loss compiled apart, as ``LanguageModelModule(compile=True)`` does), at the largest batch
 of (8, 4, 2, 1) that fits. ``--profile`` adds each configuration's CUDA time per step by kernel
@@ -33,11 +33,24 @@ def _peak() -> float:
 
 
 def measure(
-    mixer: str, seq_len: int = 4096, compile: bool = False, steps: int = 8, profile: bool = False, accumulate: int = 1
+    mixer: str,
+    seq_len: int = 4096,
+    compile: bool = False,
+    steps: int = 8,
+    profile: bool = False,
+    accumulate: int = 1,
+    backend: str = "auto",
+    n_layers: int = 24,
+    batches: tuple[int, ...] = (8, 4, 2, 1),
 ) -> dict:
     """Tokens/s and MFU of one training configuration, at the largest batch that fits.
 
     Args:
+        backend: the ops' backend (``ModelConfig.backend``): "auto", or "triton" for the Triton
+            kernels without cuDNN's attention at long sequences.
+        n_layers: depth (24 for the 1.3B model; fewer fit long sequences on one GPU without
+            activation checkpointing).
+        batches: the batch sizes to try, largest first.
         accumulate: micro-batches per optimizer step (``trainer.accumulate_grad_batches``; the
             1.3B recipe of docs/configs.md uses 8): one GPU reaches a pretraining batch only this
             way, and the optimizer's pass over the fp32 weights and moments then happens once per
@@ -46,10 +59,10 @@ def measure(
             ``"top_kernels"``, the 12 slowest kernels.
     """
     config = ModelConfig(
-        vocab_size=32000, d_model=2048, n_layers=24, n_heads=16, n_groups=2, chunk_size=16, mixer=mixer,
-        max_seq_len=seq_len,
+        vocab_size=32000, d_model=2048, n_layers=n_layers, n_heads=16, n_groups=2, chunk_size=16, mixer=mixer,
+        max_seq_len=seq_len, backend=backend,
     )  # fmt: skip
-    for batch in (8, 4, 2, 1):
+    for batch in batches:
         try:
             model = RATLanguageModel(config).cuda()
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -86,7 +99,8 @@ def measure(
                             [r for r in kernels if r["group"] == group][:6]]  # fmt: skip
                 extra = {"profile_ms": group_totals(kernels), "top_kernels": kernels[:12], "top_by_group": by_group}
             return {
-                "mixer": mixer, "compile": compile, "batch": batch, "accumulate": accumulate, "seq_len": seq_len,
+                "mixer": mixer, "backend": backend, "compile": compile, "batch": batch, "accumulate": accumulate,
+                "seq_len": seq_len,
                 "params": model.num_parameters(), "step_s": seconds, "tokens_per_s": tokens_per_s,
                 "flops_per_token": flops, "mfu": flops * tokens_per_s / _peak(),
                 "max_memory_gb": torch.cuda.max_memory_allocated() / 1e9, **extra,
@@ -98,7 +112,8 @@ def measure(
             model = optimizer = step_model = loss_sum = ids = step = None
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-    return {"mixer": mixer, "compile": compile, "accumulate": accumulate, "error": "out of memory at batch 1"}
+    return {"mixer": mixer, "backend": backend, "compile": compile, "accumulate": accumulate,
+            "error": f"out of memory at batch {batches[-1]}"}  # fmt: skip
 
 
 if __name__ == "__main__":
@@ -108,16 +123,21 @@ if __name__ == "__main__":
     parser.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])
     parser.add_argument("--accumulate", nargs="+", type=int, default=[1], help="micro-batches per optimizer step")
     parser.add_argument("--profile", action="store_true", help="add CUDA time per step by kernel group")
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "triton"])
+    parser.add_argument("--layers", type=int, default=24, help="depth (24: the 1.3B model)")
+    parser.add_argument("--batches", nargs="+", type=int, default=[8, 4, 2, 1], help="batch sizes to try")
     args = parser.parse_args()
     rows = [
-        measure(mixer, compile=mode == "compile", profile=args.profile, accumulate=accumulate)
-        for mode in args.modes for accumulate in args.accumulate for mixer in args.mixers
+        measure(mixer, args.seq_len, mode == "compile", profile=args.profile, accumulate=accumulate, backend=backend,
+                n_layers=args.layers, batches=tuple(args.batches))
+        for mode in args.modes for accumulate in args.accumulate for mixer in args.mixers for backend in args.backends
     ]  # fmt: skip
     for r in rows:
         if "error" in r:
             print(r)
         else:
-            print(f"{r['mixer']:10} compile={r['compile']!s:5} batch {r['batch']} x{r['accumulate']} "
+            print(f"{r['mixer']:10} {r['backend']:6} compile={r['compile']!s:5} batch {r['batch']} x{r['accumulate']} "
                   f"{r['tokens_per_s']:9.0f} tok/s "
                   f"MFU {100 * r['mfu']:5.1f}%  step {r['step_s'] * 1e3:7.1f} ms  mem {r['max_memory_gb']:.1f} GB")
             if "profile_ms" in r:
