@@ -3,12 +3,13 @@
     python -m rat_lightning.bench.kernel_report
 
 Builds each kernel (bf16, P = 128, 16 heads in 2 query groups, gated) at its :data:`CONFIGS`
-tiles, with pointer and with TMA loads, for sm_90 through Triton's full pipeline, with the
-16-byte alignment the JIT finds at the benchmark shape, then runs the ptxas that ships with
-Triton for its register and spill report (when that ptxas reads Triton's PTX version). It needs
-no GPU, so CI runs it too: a kernel that the interpreter runs but the compiler rejects (a
-loop-carried variable that changes type, say) fails here. Counts are for this machine's Triton;
-the GPU image's may differ.
+tiles, with pointer and with TMA loads, and the passes of the cuDNN path
+(:mod:`rat_lightning.ops.chunk_attention.regrouped`, L = 16, at their :data:`WARPS`), for sm_90
+through Triton's full pipeline, with the 16-byte alignment the JIT finds at the benchmark shape,
+then runs the ptxas that ships with Triton for its register and spill report (when that ptxas
+reads Triton's PTX version). It needs no GPU, so CI runs it too: a kernel that the interpreter
+runs but the compiler rejects (a loop-carried variable that changes type, say) fails here.
+Counts are for this machine's Triton; the GPU image's may differ.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import subprocess
 import sys
 import tempfile
 
-_FP32_POINTERS = ("lse", "delta", "p_cos", "p_sin")
+_FP32_POINTERS = ("lse", "delta", "p_cos", "p_sin", "lse_lib", "own_c", "own_p")
 _FLOAT_SCALARS = ("scale", "qk_scale")
-_INT_SCALARS = ("T", "C", "L")
+_INT_SCALARS = ("T", "C", "L", "ROWS", "NJ", "NJ_SRC")
 
 
 def _signature(arg_names: list[str], constexprs: dict) -> dict[str, str]:
@@ -36,7 +37,7 @@ def _signature(arg_names: list[str], constexprs: dict) -> dict[str, str]:
             types[name] = "*fp32"
         elif name in _FLOAT_SCALARS:
             types[name] = "fp32"
-        elif name in _INT_SCALARS or name.startswith("stride"):
+        elif name in _INT_SCALARS or name.startswith(("stride", "s_")):
             types[name] = "i32"
         else:
             types[name] = "*bf16"
@@ -72,12 +73,43 @@ def _ptxas_report(ptx: str) -> str:
     return "no ptxas for this PTX version"
 
 
-def compile_kernels() -> list[tuple[str, str]]:
-    """``(kernel and tiles, ptxas report)`` for the fwd, dq and dkv kernels at every bf16 config."""
+def _compile(kernel, constexprs: dict, num_warps: int, num_stages: int = 3) -> str:
+    """ptxas's report for one kernel built for sm_90 with the benchmark's alignment."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    signature = _signature(kernel.arg_names, constexprs)
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=_aligned(signature))
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
+    return _ptxas_report(compiled.asm["ptx"])
+
+
+def compile_regrouped_kernels() -> list[tuple[str, str]]:
+    """``(kernel and warps, ptxas report)`` for the passes around cuDNN's attention."""
+    from rat_lightning.ops.chunk_attention import regrouped
+
+    base = {"H": 16, "HPG": 8, "P": 128, "BLOCK_L": 16, "BLOCK_P": 128, "BLOCK_PH": 64, "BLOCK_R": 32,
+            "GATED": True, "INVERSE": False, "EMULATE": False}  # fmt: skip
+    launches = {
+        "regroup": regrouped.regroup_queries_kernel,
+        "move": regrouped.move_summaries_kernel,
+        "merge": regrouped.merge_own_state_kernel,
+        "prepare": regrouped.prepare_backward_kernel,
+        "add": regrouped.add_query_grads_kernel,
+    }
+    rows = []
+    for name, kernel in launches.items():
+        constexprs = {key: value for key, value in base.items() if key in kernel.arg_names}
+        warps = regrouped.WARPS[name]
+        rows.append((f"regrouped {name} (warps {warps})", _compile(kernel, constexprs, warps)))
+    return rows
+
+
+def compile_kernels() -> list[tuple[str, str]]:
+    """``(kernel and tiles, ptxas report)`` for the fwd, dq and dkv kernels at every bf16 config."""
     from rat_lightning.ops.chunk_attention import triton as kernels
 
     base = {"H": 16, "HPG": 8, "P": 128, "BLOCK_P": 128, "BLOCK_PH": 64, "DOT_PRECISION": "ieee", "EMULATE": False}
@@ -101,15 +133,10 @@ def compile_kernels() -> list[tuple[str, str]]:
                 constexprs["GATED"] = True
             if factored is not None:
                 constexprs["FACTORED"] = factored
-            signature = _signature(kernel.arg_names, constexprs)
-            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=_aligned(signature))
-            compiled = triton.compile(
-                source, target=GPUTarget("cuda", 90, 32),
-                options={"num_warps": config.num_warps, "num_stages": config.num_stages},
-            )  # fmt: skip
             tiles = tuple(config._replace(tma=tma))
             form = {None: "", True: " factored", False: " full"}[factored]
-            rows.append((f"{config_name}{form} {tiles}", _ptxas_report(compiled.asm["ptx"])))
+            report = _compile(kernel, constexprs, config.num_warps, config.num_stages)
+            rows.append((f"{config_name}{form} {tiles}", report))
     return rows
 
 
@@ -117,7 +144,7 @@ def main() -> None:
     """Print one line per kernel config; exits non-zero if one does not compile."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
-    for name, report in compile_kernels():
+    for name, report in compile_kernels() + compile_regrouped_kernels():
         print(f"{name:<40} {report}", flush=True)
 
 

@@ -15,5 +15,7 @@ def test_chunk_attention_kernels_compile_for_hopper():
         timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    for kernel in ("fwd ", "fwd_long", "dq ", "dq_long", "dkv ", "dkv_long"):
+    kernels = ("fwd ", "fwd_long", "dq ", "dq_long", "dkv ", "dkv_long")
+    regrouped = tuple(f"regrouped {name} " for name in ("regroup", "move", "merge", "prepare", "add"))
+    for kernel in kernels + regrouped:
         assert kernel in result.stdout, result.stdout
