@@ -272,13 +272,27 @@ def _summaries(sk: torch.Tensor, sx: torch.Tensor, chunk_size: int, cos: torch.T
     if count:
         ends = slice(chunk_size - 1, None, chunk_size)
         src_k, src_v = sk[:, ends], sx[:, ends]
-        rows, block = batch * count, 32
-        move_summaries_kernel[(triton.cdiv(rows, block), heads)](
-            src_k, src_v, keys, values, cos, sin, rows, count, count, src_k.stride(0), src_k.stride(1),
-            src_k.stride(2), keys.stride(0), keys.stride(2), keys.stride(1), P=dim, BLOCK_R=block,
-            BLOCK_PH=opts["BLOCK_PH"], INVERSE=False, EMULATE=opts["EMULATE"], num_warps=WARPS["move"],
-        )  # fmt: skip
+        _move_summaries((src_k, src_v), (keys.transpose(1, 2), values.transpose(1, 2)), count, cos, sin, opts)
     return keys, values
+
+
+def _move_summaries(
+    src: tuple[torch.Tensor, torch.Tensor],
+    dst: tuple[torch.Tensor, torch.Tensor],
+    valid: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    opts: dict,
+    inverse: bool = False,
+) -> None:
+    """:func:`move_summaries_kernel` from ``src`` to ``dst`` (key, value) pairs, each indexed
+    ``(B, J, H, P)`` (any strides, rows contiguous); rows j >= ``valid`` of dst get zeros."""
+    batch, count, heads, dim = dst[0].shape
+    rows, block = batch * count, 32
+    move_summaries_kernel[(triton.cdiv(rows, block), heads)](
+        *src, *dst, cos, sin, rows, count, valid, *src[0].stride()[:3], *dst[0].stride()[:3], P=dim, BLOCK_R=block,
+        BLOCK_PH=opts["BLOCK_PH"], INVERSE=inverse, EMULATE=opts["EMULATE"], num_warps=WARPS["move"],
+    )  # fmt: skip
 
 
 def regrouped_attention_fwd(
@@ -402,11 +416,6 @@ def regrouped_attention_bwd(
             dq.stride(0), dq.stride(1), HPG=hpg, num_warps=WARPS["add"], **opts,
         )  # fmt: skip
         if full:
-            rows, block = batch * full, 32
-            move_summaries_kernel[(triton.cdiv(rows, block), heads)](
-                dk_lib, dv_lib, dk_sum, dv_sum, cos, sin, rows, full, chunks - 1, dk_lib.stride(0),
-                dk_lib.stride(2), dk_lib.stride(1), dk_sum.stride(0), dk_sum.stride(1), dk_sum.stride(2), P=dim,
-                BLOCK_R=block, BLOCK_PH=opts["BLOCK_PH"], INVERSE=True, EMULATE=opts["EMULATE"],
-                num_warps=WARPS["move"],
-            )  # fmt: skip
+            src = (dk_lib.transpose(1, 2), dv_lib.transpose(1, 2))
+            _move_summaries(src, (dk_sum, dv_sum), chunks - 1, cos, sin, opts, inverse=True)
     return dq, dz if gate is not None else None, state_grads
