@@ -3,7 +3,7 @@
     python -m rat_lightning.bench.kernel_report
 
 Builds each kernel (bf16, P = 128, 16 heads in 2 query groups, gated) at its :data:`CONFIGS`
-tiles, with pointer and with TMA loads, and the passes of the cuDNN path
+tiles, and the passes of the cuDNN path
 (:mod:`rat_lightning.ops.chunk_attention.regrouped`, L = 16, at their :data:`WARPS`), for sm_90
 through Triton's full pipeline, with the 16-byte alignment the JIT finds at the benchmark shape,
 then runs the ptxas that ships with Triton for its register and spill report (when that ptxas
@@ -14,7 +14,6 @@ Counts are for this machine's Triton; the GPU image's may differ.
 
 from __future__ import annotations
 
-import itertools
 import os
 import subprocess
 import sys
@@ -124,16 +123,15 @@ def compile_kernels() -> list[tuple[str, str]]:
         if config_name.endswith("fp32"):
             continue
         kernel = launches[kernel_name]
-        # Both load paths at every tile (a config may switch TMA on after the next sweep), and the
-        # backward kernels' factored form (the RAT mixing op's) and full form (the plain op's).
+        # The backward kernels' factored form (the RAT mixing op's) and full form (the plain op's).
         factored_forms = (True, False) if "FACTORED" in kernel.arg_names else (None,)
-        for tma, factored in itertools.product((False, True), factored_forms):
-            constexprs = {**base, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "TMA": tma}
+        for factored in factored_forms:
+            constexprs = {**base, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n}
             if "GATED" in kernel.arg_names:
                 constexprs["GATED"] = True
             if factored is not None:
                 constexprs["FACTORED"] = factored
-            tiles = tuple(config._replace(tma=tma))
+            tiles = tuple(config)
             form = {None: "", True: " factored", False: " full"}[factored]
             report = _compile(kernel, constexprs, config.num_warps, config.num_stages)
             rows.append((f"{config_name}{form} {tiles}", report))

@@ -8,9 +8,8 @@ layer; L = 16, bf16, 262,144 tokens) and each T, times the
 forward kernel under every forward tile, and the backward (both kernels, in the factored form
 the RAT layer runs: :func:`chunk_attention_bwd_factored`) under every dq tile with the default
 dkv tile and every dkv tile with the default dq tile. Tiles that do not
-compile (shared memory, registers) are recorded as NaN. Every tile is tried with pointer and with
-TMA loads. ``--quick`` tries only the current default and a few large tiles (TMA's pipelining
-favours them). The default is timed first and again last, to show the drift of the GPU's clocks
+compile (shared memory, registers) are recorded as NaN. ``--quick`` tries only the current
+default and a few other tiles. The default is timed first and again last, to show the drift of the GPU's clocks
 over the sweep (on an H100 a config timed right after another ran up to 10% slower: confirm a
 winner by an A/B in alternating order before moving a default). The winners go into
 ``ops/chunk_attention/triton.py:CONFIGS``.
@@ -36,7 +35,7 @@ from rat_lightning.ops.chunk_attention.triton import (
 
 _STAGES = (2, 3)
 _WARPS = (4, 8)
-# --quick: (block_m, block_n, warps, stages) per kernel, tried with both load paths beside the default.
+# --quick: (block_m, block_n, warps, stages) per kernel, tried beside the default.
 _QUICK = {
     "fwd": [(64, 32, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3)],
     "dq": [(64, 32, 4, 3), (64, 32, 4, 2), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3),
@@ -46,16 +45,14 @@ _QUICK = {
 
 
 def candidates(kernel: str, chunks: int, quick: bool = False) -> list[KernelConfig]:
-    """The tiles tried for ``kernel`` in {"fwd", "dq", "dkv"}, the current default at ``chunks`` first,
-    each with pointer and with TMA loads.
+    """The tiles tried for ``kernel`` in {"fwd", "dq", "dkv"}, the current default at ``chunks`` first.
 
     The A operand of the second dot puts the warps along its rows, so dq keeps
     block_m >= 16 * warps and dkv block_n >= 16 * warps (smaller ones spill).
     """
     default = _config(kernel, torch.bfloat16, chunks)
     if quick:
-        tiles = [default[:4], *_QUICK[kernel]]
-        configs = [KernelConfig(*tile, tma=tma) for tile in tiles for tma in (False, True)]
+        configs = [KernelConfig(*tile) for tile in _QUICK[kernel]]
         return [default] + [c for i, c in enumerate(configs) if c != default and c not in configs[:i]]
     if kernel == "fwd":
         tiles = [(m, n) for m, n in itertools.product((64, 128), (32, 64, 128)) if not (m == 64 and n == 128)]
@@ -64,9 +61,9 @@ def candidates(kernel: str, chunks: int, quick: bool = False) -> list[KernelConf
     else:
         tiles = list(itertools.product((32, 64), (64, 128)))
     configs = [default]
-    for (block_m, block_n), warps, stages, tma in itertools.product(tiles, _WARPS, _STAGES, (False, True)):
+    for (block_m, block_n), warps, stages in itertools.product(tiles, _WARPS, _STAGES):
         rows = block_m if kernel == "dq" else block_n if kernel == "dkv" else 16 * warps
-        config = KernelConfig(block_m, block_n, warps, stages, tma)
+        config = KernelConfig(block_m, block_n, warps, stages)
         if rows >= 16 * warps and config not in configs:
             configs.append(config)
     return configs

@@ -127,38 +127,6 @@ def test_ungated_one_query_per_head(length, chunk_size):
         assert_close(grad, expected_grad, 1e-5, name)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("length, chunk_size", [(3, 4), (37, 4), (37, 1)])
-def test_tma_loads_match_pointer_loads(length, chunk_size, dtype):
-    """TMA descriptors (summaries, values, rotated queries, dO) give the pointer path's numbers
-    exactly: rows past C or T read as zeros, and T < L (no summary) reads nothing."""
-    from rat_lightning.ops.chunk_attention import triton as chunk_triton
-
-    q, gate, *_ = _projection_slices(2, length, 1, 2, 32, dtype)
-    k, v, dy = (torch.randn(2, length, 2, 32, device=DEVICE).to(dtype) for _ in range(3))
-    results = []
-    for tma in (False, True):
-        config = chunk_triton.CONFIGS["fwd"]._replace(tma=tma)
-        assert chunk_triton._tma_usable(config, k, v) == tma
-        out, lse = chunk_triton.chunk_attention_fwd(q, k, v, chunk_size, 10000.0, 32**-0.5, gate, config)
-        grads = chunk_triton.chunk_attention_bwd(
-            dy, q, k, v, out, lse, chunk_size, 10000.0, 32**-0.5, gate, config_dq=config, config_dkv=config
-        )
-        results.append((out, lse, *grads))
-    for name, pointer, tma in zip(("out", "lse", "dq", "dk", "dv", "dgate"), *results):
-        assert torch.equal(pointer, tma), name
-
-
-def test_tma_needs_an_aligned_power_of_two_head_dim():
-    from rat_lightning.ops.chunk_attention import triton as chunk_triton
-
-    config = chunk_triton.CONFIGS["fwd"]._replace(tma=True)
-    assert not chunk_triton._tma_usable(config, torch.zeros(1, 4, 2, 24))
-    assert not chunk_triton._tma_usable(config, torch.zeros(1, 4, 2, 16))
-    assert not chunk_triton._tma_usable(config, torch.zeros(1, 4, 2, 33)[..., 1:])
-    assert not chunk_triton._tma_usable(config._replace(tma=False), torch.zeros(1, 4, 2, 32))
-
-
 def test_fp16_inputs():
     from rat_lightning.ops.chunk_attention.triton import chunk_attention_bwd, chunk_attention_fwd
 

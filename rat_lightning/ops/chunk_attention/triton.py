@@ -68,28 +68,26 @@ class KernelConfig(NamedTuple):
 
     block_m: queries per tile; block_n: summaries per tile (the fwd and dq kernels loop over
     summary tiles for a query tile, the dkv kernel over query tiles for a summary tile).
-    tma: load the looped-over tiles through TMA descriptors (Hopper's bulk tensor copies) instead
-    of pointer tiles, where the inputs allow it (:func:`_tma_usable`); a hint, never an error.
     """
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
-    tma: bool = False
 
 
 # Per kernel, dot dtype and sequence regime. P / dS, the A operand of the second dot, puts the
 # warps along its rows, so the dq kernel wants block_m >= 16 * num_warps and the dkv kernel
 # block_n >= 16 * num_warps. Tiles from the H100 sweeps of ``bench/tune_chunk_attention.py``
-# (docs/benchmarks/chunk_attention_tiles_h100.json, chunk_attention_tma_h100.json): small tiles
-# win while a query sees few summaries (T = 4K, 16K), large ones from about 2K chunks on
-# ("_long"). TMA loads lost 5-15% in the forward, tied in dq, and won in the long dkv kernel of
-# the full backward (2.7% at 128K); in the factored backward the RAT layer runs, an A/B in
-# alternating order (docs/benchmarks/dkv_tma_ab_h100.json) has pointer loads 1.5% faster at 128K
-# and tied at 64K, so no config uses TMA. With the JIT's alignment the bf16 tiles use at most
-# 255 registers and spill at most 280 bytes (``bench kernel_report``). fp32 is the accuracy
-# path: its IEEE dots run on FMA units, least spilled with small tiles.
+# (docs/benchmarks/chunk_attention_tiles_h100.json): small tiles win while a query sees few
+# summaries (T = 4K, 16K), large ones from about 2K chunks on ("_long"). TMA loads (Hopper's
+# bulk copies through descriptors, an option until 2026-11-23) lost 5-15% in the forward, tied
+# in dq, and in the factored dkv kernel lost 1.5% at 128K and tied at 64K
+# (docs/benchmarks/chunk_attention_tma_h100.json, dkv_tma_ab_h100.json), so they were removed;
+# from 2K chunks on the RAT layer runs the attention through cuDNN anyway. With the JIT's
+# alignment the bf16 tiles use at most 255 registers and spill at most 248 bytes (``bench
+# kernel_report``). fp32 is the accuracy path: its IEEE dots run on FMA units, least spilled
+# with small tiles.
 CONFIGS = {
     "fwd": KernelConfig(64, 32, 4, 2),
     "fwd_long": KernelConfig(128, 128, 8, 3),
@@ -157,59 +155,30 @@ def _own_grads(b_q1, b_q2, b_k1, b_k2, b_v, b_do, b_lse, b_delta, qk_scale):
 
 
 @triton.jit
-def _load_summary_keys(kr_h, j0, o_j, m_j, H: tl.constexpr, P: tl.constexpr, BLOCK_PH: tl.constexpr,
-                       TRANSPOSE: tl.constexpr, TMA: tl.constexpr):
-    """Rotated summaries K_j (j = j0 + arange) as two halves (BLOCK_N, BLOCK_PH), or transposed:
-    two TMA boxes or pointer tiles of kr (B, C, H, P)."""
-    if TMA:
-        b_k1, b_k2 = kr_h.load([j0, 0]), kr_h.load([j0, BLOCK_PH])
-        if TRANSPOSE:
-            b_k1, b_k2 = tl.trans(b_k1), tl.trans(b_k2)
-    else:
-        o_ph = tl.arange(0, BLOCK_PH)
-        m_ph = col_mask(o_ph, P // 2, BLOCK_PH)
-        b_k1, b_k2 = _load_halves(kr_h, o_j.to(tl.int64) * H * P, m_j, o_ph, m_ph, P // 2, TRANSPOSE)
-    return b_k1, b_k2
+def _load_summary_keys(kr_h, o_j, m_j, H: tl.constexpr, P: tl.constexpr, BLOCK_PH: tl.constexpr,
+                       TRANSPOSE: tl.constexpr):
+    """Rotated summaries K_j (j in o_j) as two halves (BLOCK_N, BLOCK_PH), or transposed, from
+    this (batch, head)'s column of kr (B, C, H, P)."""
+    o_ph = tl.arange(0, BLOCK_PH)
+    m_ph = col_mask(o_ph, P // 2, BLOCK_PH)
+    return _load_halves(kr_h, o_j.to(tl.int64) * H * P, m_j, o_ph, m_ph, P // 2, TRANSPOSE)
 
 
 @triton.jit
-def _load_summary_values(v_h, j0, o_j, m_j, o_bt, L, H: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr,
-                         TMA: tl.constexpr):
-    """Values V_j = v[jL + L - 1] (BLOCK_N, BLOCK_P) of summaries o_j = j0 + arange: one TMA box or a strided gather."""
-    if TMA:
-        b_v = v_h.load([j0, 0])
-    else:
-        o_p = tl.arange(0, BLOCK_P)
-        o_vrow = (o_bt + o_j * L + L - 1) * H * P
-        m_v = m_j[:, None] & col_mask(o_p, P, BLOCK_P)[None, :]
-        b_v = tl.load(v_h + o_vrow[:, None] + o_p[None, :], mask=m_v, other=0.0)
-    return b_v
+def _load_summary_values(v_h, o_j, m_j, o_bt, L, H: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Values V_j = v[jL + L - 1] (BLOCK_N, BLOCK_P) of summaries o_j: a strided gather from this
+    head's column of v (B, T, H, P)."""
+    o_p = tl.arange(0, BLOCK_P)
+    o_vrow = (o_bt + o_j * L + L - 1) * H * P
+    m_v = m_j[:, None] & col_mask(o_p, P, BLOCK_P)[None, :]
+    return tl.load(v_h + o_vrow[:, None] + o_p[None, :], mask=m_v, other=0.0)
 
 
 @triton.jit
-def _summary_sources(kr, v, i_b, i_h, T, C, L, H: tl.constexpr, P: tl.constexpr, BLOCK_N: tl.constexpr,
-                     TMA: tl.constexpr):
-    """What the summary loops of one (batch, head) read, for :func:`_load_summary_keys` and
-    :func:`_load_summary_values`: with TMA, descriptors of its (C, P) rotated summaries in kr
-    (B, C, H, P) and (C, P) summary values, rows jL + L - 1 of v (B, T, H, P), rows past C read
-    as zeros; else pointers to its column of kr and of v.
-
-    The host checks the alignment TMA needs (:func:`_tma_usable`). C = 0 gets a one-row shape that
-    no loop reads (a descriptor cannot be empty).
-    """
-    if TMA:
-        rows = tl.maximum(C, 1)
-        kr_h = tl.make_tensor_descriptor(
-            kr + (i_b.to(tl.int64) * C * H + i_h) * P, shape=[rows, P], strides=[H * P, 1],
-            block_shape=[BLOCK_N, P // 2],
-        )  # fmt: skip
-        v_h = tl.make_tensor_descriptor(
-            v + ((i_b.to(tl.int64) * T + L - 1) * H + i_h) * P, shape=[rows, P], strides=[L * H * P, 1],
-            block_shape=[BLOCK_N, P],
-        )  # fmt: skip
-    else:
-        kr_h, v_h = kr + i_b.to(tl.int64) * C * H * P + i_h * P, v + i_h * P
-    return kr_h, v_h
+def _summary_columns(kr, v, i_b, i_h, C, H: tl.constexpr, P: tl.constexpr):
+    """Pointers to one (batch, head)'s column of the rotated summaries kr (B, C, H, P) and of v
+    (B, T, H, P), for :func:`_load_summary_keys` and :func:`_load_summary_values`."""
+    return kr + i_b.to(tl.int64) * C * H * P + i_h * P, v + i_h * P
 
 
 @triton.jit
@@ -236,18 +205,17 @@ def _fwd_inner(
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     EMULATE: tl.constexpr,
-    TMA: tl.constexpr,
     DTYPE: tl.constexpr,
 ):
     """Online softmax over summary tiles [j_lo, j_hi); CAUSAL masks keys j >= c(t).
 
-    kr_h, v_h: this (batch, head)'s rotated summaries and values (:func:`_summary_sources`).
+    kr_h, v_h: this (batch, head)'s columns of the rotated summaries and values (:func:`_summary_columns`).
     """
     for j0 in range(j_lo, j_hi, BLOCK_N):
         o_j = j0 + tl.arange(0, BLOCK_N)
         m_j = o_j < n_keys
         # Rotated summaries transposed (BLOCK_PH, BLOCK_N), so the score is a plain q @ k^T.
-        b_krt1, b_krt2 = _load_summary_keys(kr_h, j0, o_j, m_j, H, P, BLOCK_PH, True, TMA)
+        b_krt1, b_krt2 = _load_summary_keys(kr_h, o_j, m_j, H, P, BLOCK_PH, True)
         b_s = tl.dot(b_qr1, to_dot(b_krt1, DTYPE, EMULATE), input_precision=DOT_PRECISION)
         b_s = tl.dot(b_qr2, to_dot(b_krt2, DTYPE, EMULATE), b_s, input_precision=DOT_PRECISION)
         b_s = b_s * qk_scale
@@ -259,7 +227,7 @@ def _fwd_inner(
         b_p = tl.exp2(b_s - b_m_new[:, None])
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
         # V_j is row jL + L - 1 of v (B, T, H, P), gathered in place by strided addressing.
-        b_v = _load_summary_values(v_h, j0, o_j, m_j, o_bt, L, H, P, BLOCK_P, TMA)
+        b_v = _load_summary_values(v_h, o_j, m_j, o_bt, L, H, P, BLOCK_P)
         b_acc = b_acc * b_alpha[:, None]
         b_acc = tl.dot(
             to_dot(b_p, DTYPE, EMULATE), to_dot(b_v, DTYPE, EMULATE), b_acc, input_precision=DOT_PRECISION
@@ -303,7 +271,6 @@ def chunk_attention_fwd_kernel(
     GATED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     EMULATE: tl.constexpr,
-    TMA: tl.constexpr,
 ):
     """Forward: y = o (times sigmoid(z) if GATED), (B, T, H, P) in q's dtype, and lse (B, H, T) fp32
     (log2 domain, scaled scores).
@@ -346,14 +313,14 @@ def chunk_attention_fwd_kernel(
     c_first = (i_m * BLOCK_M) // L
     n_keys = tl.minimum((tl.minimum(i_m * BLOCK_M + BLOCK_M, T) - 1) // L, C)
     j_mid = (c_first // BLOCK_N) * BLOCK_N
-    kr_h, v_h = _summary_sources(kr, v, i_b, i_h, T, C, L, H, P, BLOCK_N, TMA)
+    kr_h, v_h = _summary_columns(kr, v, i_b, i_h, C, H, P)
     b_m, b_l, b_acc = _fwd_inner(
         b_m, b_l, b_acc, b_qr1, b_qr2, o_c, kr_h, v_h, o_bt, 0, j_mid, n_keys, L, qk_scale,
-        H, P, BLOCK_N, BLOCK_P, BLOCK_PH, False, DOT_PRECISION, EMULATE, TMA, DTYPE,
+        H, P, BLOCK_N, BLOCK_P, BLOCK_PH, False, DOT_PRECISION, EMULATE, DTYPE,
     )  # fmt: skip
     b_m, b_l, b_acc = _fwd_inner(
         b_m, b_l, b_acc, b_qr1, b_qr2, o_c, kr_h, v_h, o_bt, j_mid, n_keys, n_keys, L, qk_scale,
-        H, P, BLOCK_N, BLOCK_P, BLOCK_PH, True, DOT_PRECISION, EMULATE, TMA, DTYPE,
+        H, P, BLOCK_N, BLOCK_P, BLOCK_PH, True, DOT_PRECISION, EMULATE, DTYPE,
     )  # fmt: skip
 
     b_y = b_acc / b_l[:, None]
@@ -391,7 +358,6 @@ def _bwd_dq_inner(
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     EMULATE: tl.constexpr,
-    TMA: tl.constexpr,
     DTYPE: tl.constexpr,
 ):
     """Accumulate dS @ K_rot over summary tiles [j_lo, j_hi) (unscaled, rotated frame); kr_h, v_h as in
@@ -399,7 +365,7 @@ def _bwd_dq_inner(
     for j0 in range(j_lo, j_hi, BLOCK_N):
         o_j = j0 + tl.arange(0, BLOCK_N)
         m_j = o_j < n_keys
-        b_kr1, b_kr2 = _load_summary_keys(kr_h, j0, o_j, m_j, H, P, BLOCK_PH, False, TMA)
+        b_kr1, b_kr2 = _load_summary_keys(kr_h, o_j, m_j, H, P, BLOCK_PH, False)
         b_kr1 = to_dot(b_kr1, DTYPE, EMULATE)
         b_kr2 = to_dot(b_kr2, DTYPE, EMULATE)
         b_s = tl.dot(b_qr1, tl.trans(b_kr1), input_precision=DOT_PRECISION)
@@ -408,7 +374,7 @@ def _bwd_dq_inner(
         if CAUSAL:
             b_s = tl.where(o_j[None, :] < o_c[:, None], b_s, float("-inf"))
         b_p = tl.exp2(b_s - b_lse[:, None])
-        b_v = _load_summary_values(v_h, j0, o_j, m_j, o_bt, L, H, P, BLOCK_P, TMA)
+        b_v = _load_summary_values(v_h, o_j, m_j, o_bt, L, H, P, BLOCK_P)
         b_dp = tl.dot(b_do, tl.trans(to_dot(b_v, DTYPE, EMULATE)), input_precision=DOT_PRECISION)
         b_ds = to_dot(b_p * (b_dp - b_delta[:, None]), DTYPE, EMULATE)
         b_dqr1 = tl.dot(b_ds, b_kr1, b_dqr1, input_precision=DOT_PRECISION)
@@ -459,7 +425,6 @@ def chunk_attention_bwd_kernel_dq(
     FACTORED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     EMULATE: tl.constexpr,
-    TMA: tl.constexpr,
 ):
     """Backward, query side, per head: the gate's and the own state's gradients and the head's dq.
 
@@ -543,14 +508,14 @@ def chunk_attention_bwd_kernel_dq(
     c_first = (i_m * BLOCK_M) // L
     n_keys = tl.minimum((tl.minimum(i_m * BLOCK_M + BLOCK_M, T) - 1) // L, C)
     j_mid = (c_first // BLOCK_N) * BLOCK_N
-    kr_h, v_h = _summary_sources(kr, v, i_b, i_h, T, C, L, H, P, BLOCK_N, TMA)
+    kr_h, v_h = _summary_columns(kr, v, i_b, i_h, C, H, P)
     b_dqr1, b_dqr2 = _bwd_dq_inner(
         b_dqr1, b_dqr2, b_qr1, b_qr2, b_do_dot, b_lse, b_delta, o_c, kr_h, v_h, o_bt, 0, j_mid, n_keys,
-        L, qk_scale, H, P, BLOCK_N, BLOCK_P, BLOCK_PH, False, DOT_PRECISION, EMULATE, TMA, DTYPE,
+        L, qk_scale, H, P, BLOCK_N, BLOCK_P, BLOCK_PH, False, DOT_PRECISION, EMULATE, DTYPE,
     )  # fmt: skip
     b_dqr1, b_dqr2 = _bwd_dq_inner(
         b_dqr1, b_dqr2, b_qr1, b_qr2, b_do_dot, b_lse, b_delta, o_c, kr_h, v_h, o_bt, j_mid, n_keys, n_keys,
-        L, qk_scale, H, P, BLOCK_N, BLOCK_P, BLOCK_PH, True, DOT_PRECISION, EMULATE, TMA, DTYPE,
+        L, qk_scale, H, P, BLOCK_N, BLOCK_P, BLOCK_PH, True, DOT_PRECISION, EMULATE, DTYPE,
     )  # fmt: skip
     b_cos, b_sin = _load_rope(p_cos, p_sin, o_c, m_t, o_ph, m_ph, P // 2, ".cg")
     b_dq1, b_dq2 = _rotate_back(b_dqr1, b_dqr2, b_cos, b_sin)
@@ -589,13 +554,12 @@ def _bwd_dkv_inner(
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     EMULATE: tl.constexpr,
-    TMA: tl.constexpr,
     DTYPE: tl.constexpr,
 ):
     """Accumulate dK_rot (unscaled) and dV of a summary tile over query tiles from t_lo to t_hi.
 
-    qr_g, do_h: this (batch, group)'s rotated queries and this (batch, head)'s dO, pointers to
-    their group / head column or (TMA) descriptors of those (T, P) slices.
+    qr_g, do_h: pointers to this (batch, group)'s column of the rotated queries and this (batch,
+    head)'s of dO.
     """
     o_p = tl.arange(0, BLOCK_P)
     o_ph = tl.arange(0, BLOCK_PH)
@@ -605,13 +569,9 @@ def _bwd_dkv_inner(
         o_t = t0 + tl.arange(0, BLOCK_M)
         m_t = o_t < T
         # Rotated queries (B, T, G, P) transposed (BLOCK_PH, BLOCK_M): scores come out key-major.
-        if TMA:
-            b_qrt1, b_qrt2 = tl.trans(qr_g.load([t0, 0])), tl.trans(qr_g.load([t0, BLOCK_PH]))
-            b_do = do_h.load([t0, 0])
-        else:
-            b_qrt1, b_qrt2 = _load_halves(qr_g, (o_bt + o_t) * G * P, m_t, o_ph, m_ph, P // 2, True)
-            o_dorow = (o_bt + o_t) * H * P
-            b_do = tl.load(do_h + o_dorow[:, None] + o_p[None, :], mask=m_t[:, None] & m_p[None, :], other=0.0)
+        b_qrt1, b_qrt2 = _load_halves(qr_g, (o_bt + o_t) * G * P, m_t, o_ph, m_ph, P // 2, True)
+        o_dorow = (o_bt + o_t) * H * P
+        b_do = tl.load(do_h + o_dorow[:, None] + o_p[None, :], mask=m_t[:, None] & m_p[None, :], other=0.0)
         b_qrt1 = to_dot(b_qrt1, DTYPE, EMULATE)
         b_qrt2 = to_dot(b_qrt2, DTYPE, EMULATE)
         b_do = to_dot(b_do, DTYPE, EMULATE)
@@ -663,7 +623,6 @@ def chunk_attention_bwd_kernel_dkv(
     FACTORED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     EMULATE: tl.constexpr,
-    TMA: tl.constexpr,
 ):
     """Backward, summary side: rows jL + L - 1 of dk, dv (B, T, H, P) = own-state + summary
     gradients; with FACTORED the summary gradients alone, into dk, dv (B, C, H, P).
@@ -721,23 +680,14 @@ def chunk_attention_bwd_kernel_dkv(
     t_lo = (i_n * BLOCK_N + 1) * L
     t_full = tl.minimum((i_n * BLOCK_N + BLOCK_N) * L, T)
     t_mid = t_lo + tl.cdiv(t_full - t_lo, BLOCK_M) * BLOCK_M
-    if TMA:
-        # One (batch, group)'s rotated queries (T, P) and one (batch, head)'s dO (T, P); rows past T read as zeros.
-        qr_g = tl.make_tensor_descriptor(
-            qr + (o_bt * G + i_g) * P, shape=[T, P], strides=[G * P, 1], block_shape=[BLOCK_M, BLOCK_PH]
-        )
-        do_h = tl.make_tensor_descriptor(
-            do + (o_bt * H + i_h) * P, shape=[T, P], strides=[H * P, 1], block_shape=[BLOCK_M, BLOCK_P]
-        )
-    else:
-        qr_g, do_h = qr + i_g * P, do + i_h * P
+    qr_g, do_h = qr + i_g * P, do + i_h * P
     b_dkr1, b_dkr2, b_dv = _bwd_dkv_inner(
         b_dkr1, b_dkr2, b_dv, b_kr1, b_kr2, b_v, o_j, qr_g, do_h, lse, delta, o_bt, o_bht, t_lo, t_mid, T, L,
-        qk_scale, H, G, P, BLOCK_M, BLOCK_P, BLOCK_PH, True, DOT_PRECISION, EMULATE, TMA, DTYPE,
+        qk_scale, H, G, P, BLOCK_M, BLOCK_P, BLOCK_PH, True, DOT_PRECISION, EMULATE, DTYPE,
     )  # fmt: skip
     b_dkr1, b_dkr2, b_dv = _bwd_dkv_inner(
         b_dkr1, b_dkr2, b_dv, b_kr1, b_kr2, b_v, o_j, qr_g, do_h, lse, delta, o_bt, o_bht, t_mid, T, T, L,
-        qk_scale, H, G, P, BLOCK_M, BLOCK_P, BLOCK_PH, False, DOT_PRECISION, EMULATE, TMA, DTYPE,
+        qk_scale, H, G, P, BLOCK_M, BLOCK_P, BLOCK_PH, False, DOT_PRECISION, EMULATE, DTYPE,
     )  # fmt: skip
     b_cos, b_sin = _load_rope(p_cos, p_sin, o_j, m_j, o_ph, m_ph, P // 2, ".cg")
     b_dk1, b_dk2 = _rotate_back(b_dkr1, b_dkr2, b_cos, b_sin)
@@ -824,28 +774,6 @@ def _rotated_summaries(
     return kr
 
 
-def _tma_allocator(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-    """Global scratch for the descriptors the kernels build (Triton asks for it by ``triton.set_allocator``)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _tma_usable(config: KernelConfig, *tensors: torch.Tensor) -> bool:
-    """Whether ``config`` asks for TMA and the inputs allow it: a power-of-two head dim of 32 to 256
-    (boxes of P and P/2 columns, as the pointer path's BLOCK_P and BLOCK_PH), 16-byte aligned bases,
-    and, on a GPU, a Hopper or newer one. Sets the scratch allocator the descriptors need."""
-    head_dim = tensors[0].shape[-1]
-    if not config.tma or head_dim < 32 or head_dim > 256 or head_dim & (head_dim - 1):
-        return False
-    if any(t.data_ptr() % 16 or t.shape[-1] * t.element_size() % 16 for t in tensors):
-        return False
-    if is_interpreted():
-        return True
-    if torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
-        return False
-    triton.set_allocator(_tma_allocator)
-    return True
-
-
 def _launch_options(q: torch.Tensor, k: torch.Tensor) -> dict:
     """Constexprs shared by every kernel: heads, query groups, head-dim blocks, dot precision, bf16 emulation."""
     head_dim = q.shape[-1]
@@ -904,7 +832,7 @@ def chunk_attention_fwd(
         q, k, v, kr, z, y, lse, cos, sin, length, length // chunk_size, chunk_size,
         q.stride(0), q.stride(1), z.stride(0), z.stride(1), scale * _LOG2E,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, GATED=gate is not None, num_warps=config.num_warps,
-        num_stages=config.num_stages, TMA=_tma_usable(config, kr, v), **options,
+        num_stages=config.num_stages, **options,
     )  # fmt: skip
     return y, lse
 
@@ -967,7 +895,7 @@ def _launch_bwd(
         q.stride(0), q.stride(1), z.stride(0), z.stride(1), dq_heads.stride(0), dq_heads.stride(1), dz.stride(0),
         dz.stride(1), scale, scale * _LOG2E, BLOCK_M=config_dq.block_m, BLOCK_N=config_dq.block_n,
         GATED=gate is not None, FACTORED=factored, num_warps=config_dq.num_warps, num_stages=config_dq.num_stages,
-        TMA=_tma_usable(config_dq, kr, v), **options,
+        **options,
     )  # fmt: skip
     if dq_heads is not dq:
         torch.sum(dq_heads.unflatten(2, (q.shape[2], -1)), dim=3, out=dq)
@@ -976,8 +904,7 @@ def _launch_bwd(
         chunk_attention_bwd_kernel_dkv[grid](
             q, k, v, kr, qr, do, lse, delta, dk, dv, cos, sin, length, chunks, chunk_size, q.stride(0), q.stride(1),
             scale, scale * _LOG2E, BLOCK_M=config_dkv.block_m, BLOCK_N=config_dkv.block_n, FACTORED=factored,
-            num_warps=config_dkv.num_warps, num_stages=config_dkv.num_stages, TMA=_tma_usable(config_dkv, qr, do),
-            **options,
+            num_warps=config_dkv.num_warps, num_stages=config_dkv.num_stages, **options,
         )  # fmt: skip
     return dq, dk, dv, dz, do, own_c, own_p
 
