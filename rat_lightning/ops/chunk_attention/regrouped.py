@@ -253,6 +253,7 @@ def add_query_grads_kernel(
 
 
 def _options(q: torch.Tensor, chunk_size: int) -> dict:
+    """Constexprs shared by the kernels: head dim, row and half-row blocks, bf16 emulation."""
     head_dim = q.shape[-1]
     return {
         "P": head_dim,
@@ -288,6 +289,10 @@ def _move_summaries(
     """:func:`move_summaries_kernel` from ``src`` to ``dst`` (key, value) pairs, each indexed
     ``(B, J, H, P)`` (any strides, rows contiguous); rows j >= ``valid`` of dst get zeros."""
     batch, count, heads, dim = dst[0].shape
+    if src[0].stride() != src[1].stride():  # one set of strides per side (cuDNN's outputs share theirs)
+        src = (src[0].contiguous(), src[1].contiguous())
+    if dst[0].stride() != dst[1].stride():
+        raise ValueError(f"keys and values must share strides, got {dst[0].stride()} and {dst[1].stride()}")
     rows, block = batch * count, 32
     move_summaries_kernel[(triton.cdiv(rows, block), heads)](
         *src, *dst, cos, sin, rows, count, valid, *src[0].stride()[:3], *dst[0].stride()[:3], P=dim, BLOCK_R=block,
