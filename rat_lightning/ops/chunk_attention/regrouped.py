@@ -63,6 +63,7 @@ def _chunk_rope(p_cos, p_sin, i_c, o_ph, m_ph, P_HALF: tl.constexpr):
 
 @triton.jit
 def _store_halves(p_x, o_row, m_row, o_ph, m_ph, b_x1, b_x2, P_HALF: tl.constexpr, EMULATE: tl.constexpr):
+    """Store fp32 halves (rows, BLOCK_PH) into rows ``o_row`` (element offsets) of x, in x's dtype."""
     p_x1 = p_x + o_row[:, None] + o_ph[None, :]
     m_x = m_row[:, None] & m_ph[None, :]
     tl.store(p_x1, to_store(b_x1, p_x.dtype.element_ty, EMULATE), mask=m_x)
