@@ -49,3 +49,31 @@ def test_regrouped_matches_reference(length, chunk_size, gated):
         assert_close(dgate, leaves[3].grad, rtol, "dgate")
     else:
         assert dgate is None
+
+
+def test_probe_turns_a_broken_library_away():
+    """The once-per-GPU probe: the stand-in agrees with itself; a library call that raises, or whose
+    log-sum-exp or gradients are off, is refused with a warning that names it."""
+    from rat_lightning.ops.chunk_attention import sdpa_lse
+
+    cpu = torch.device("cpu")
+    forward, backward = sdpa_lse.attention_with_lse, sdpa_lse.attention_with_lse_backward
+    assert sdpa_lse.agrees_with_stand_in(cpu, forward, backward)
+
+    def raises(*args):
+        raise RuntimeError("cuDNN Frontend error: s_q = s_kv = 1 is not supported")
+
+    def shifted_lse(q, k, v, scale):
+        o, lse = forward(q, k, v, scale)
+        return o, lse + 0.5
+
+    def halved_dv(*args):
+        dq, dk, dv = backward(*args)
+        return dq, dk, dv / 2
+
+    with pytest.warns(UserWarning, match="failed a probe"):
+        assert not sdpa_lse.agrees_with_stand_in(cpu, raises, backward)
+    with pytest.warns(UserWarning, match="disagrees with the PyTorch stand-in in lse"):
+        assert not sdpa_lse.agrees_with_stand_in(cpu, shifted_lse, backward)
+    with pytest.warns(UserWarning, match="in dv"):
+        assert not sdpa_lse.agrees_with_stand_in(cpu, forward, halved_dv)

@@ -16,14 +16,18 @@ cuDNN refuses, the same contract runs in plain PyTorch (:func:`_torch_fwd`, :fun
 
 from __future__ import annotations
 
+import functools
+import warnings
+from collections.abc import Callable
+
 import torch
 
 
 def cudnn_attention_usable(x: torch.Tensor, head_dim: int) -> bool:
     """Whether cuDNN's fused attention can take heads of ``head_dim`` in ``x``'s dtype on its device
     (fp16 / bf16 on a Hopper-or-newer GPU, head dim a multiple of 8 up to 128, torch's cuDNN SDPA
-    backend enabled). Other GPUs are left out: the speed that makes the path worth taking was
-    measured on an H100 only."""
+    backend enabled, and a first tiny call that agreed with the PyTorch stand-in). Other GPUs are
+    left out: the speed that makes the path worth taking was measured on an H100 only."""
     return (
         x.is_cuda
         and x.dtype in (torch.float16, torch.bfloat16)
@@ -35,9 +39,49 @@ def cudnn_attention_usable(x: torch.Tensor, head_dim: int) -> bool:
 
 @torch.compiler.assume_constant_result
 def _cudnn_ready(device_index: int) -> bool:
-    """torch's cuDNN SDPA backend enabled and GPU ``device_index`` a Hopper or newer. A constant to
-    torch.compile, which cannot trace these queries (a graph break per call otherwise)."""
-    return torch.backends.cuda.cudnn_sdp_enabled() and torch.cuda.get_device_capability(device_index)[0] >= 9
+    """torch's cuDNN SDPA backend enabled, GPU ``device_index`` a Hopper or newer, and the probe passed
+    there. A constant to torch.compile, which cannot trace these queries (a graph break per call
+    otherwise)."""
+    return (
+        torch.backends.cuda.cudnn_sdp_enabled()
+        and torch.cuda.get_device_capability(device_index)[0] >= 9
+        and _cudnn_works(device_index)
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _cudnn_works(device_index: int) -> bool:
+    """Probe once per GPU: cuDNN's forward and backward through these aten ops (private, so their
+    contract may move between torch releases) against the PyTorch stand-in."""
+    return agrees_with_stand_in(torch.device("cuda", device_index), attention_with_lse, attention_with_lse_backward)
+
+
+def agrees_with_stand_in(device: torch.device, forward: Callable, backward: Callable, rtol: float = 3e-2) -> bool:
+    """Whether ``forward`` / ``backward`` (the contracts of :func:`attention_with_lse` and
+    :func:`attention_with_lse_backward`) match the PyTorch stand-in on a tiny bf16 GQA problem with
+    a merged log-sum-exp; False, with a warning that names the failure, where they raise or differ."""
+    generator = torch.Generator().manual_seed(0)
+    q, do = (torch.randn(1, 4, 8, 64, generator=generator).to(device, torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(1, 2, 8, 64, generator=generator).to(device, torch.bfloat16) for _ in range(2))
+    # An extra softmax term per row, as RAT's own state: the backward gets the merged lse.
+    extra = torch.randn(1, 4, 8, generator=generator).to(device)
+    try:
+        o, lse = forward(q, k, v, 0.125)
+        grads = backward(do, q, k, v, o, torch.logaddexp(lse, extra).contiguous(), 0.125)
+    except RuntimeError as error:
+        warnings.warn(f"cuDNN's fused attention failed a probe ({error}); RAT keeps its Triton kernels", stacklevel=2)
+        return False
+    o_ref, lse_ref = _torch_fwd(q, k, v, 0.125)
+    grads_ref = _torch_bwd(do, q, k, v, o_ref, torch.logaddexp(lse_ref, extra), 0.125)
+    for name, actual, expected in zip(("o", "lse", "dq", "dk", "dv"), (o, lse, *grads), (o_ref, lse_ref, *grads_ref)):
+        error = ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
+        if not error <= rtol:
+            warnings.warn(
+                f"cuDNN's fused attention disagrees with the PyTorch stand-in in {name} (relative error {error:.2g}); "
+                "RAT keeps its Triton kernels", stacklevel=2,
+            )  # fmt: skip
+            return False
+    return True
 
 
 def attention_with_lse(
