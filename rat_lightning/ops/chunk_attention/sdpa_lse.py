@@ -53,7 +53,9 @@ def _cudnn_ready(device_index: int) -> bool:
 def _cudnn_works(device_index: int) -> bool:
     """Probe once per GPU: cuDNN's forward and backward through these aten ops (private, so their
     contract may move between torch releases) against the PyTorch stand-in."""
-    return agrees_with_stand_in(torch.device("cuda", device_index), attention_with_lse, attention_with_lse_backward)
+    # It may first run inside a model's autocast region, which would lower the stand-in's fp32 matmuls.
+    with torch.autocast("cuda", enabled=False):
+        return agrees_with_stand_in(torch.device("cuda", device_index), attention_with_lse, attention_with_lse_backward)
 
 
 def agrees_with_stand_in(device: torch.device, forward: Callable, backward: Callable, rtol: float = 3e-2) -> bool:
