@@ -90,11 +90,10 @@ def compile_regrouped_kernels() -> list[tuple[str, str]]:
     """``(kernel and warps, ptxas report)`` for the passes around cuDNN's attention."""
     from rat_lightning.ops.chunk_attention import regrouped
 
-    base = {"H": 16, "HPG": 8, "P": 128, "BLOCK_L": 16, "BLOCK_P": 128, "BLOCK_PH": 64, "BLOCK_R": 32,
-            "GATED": True, "INVERSE": False, "EMULATE": False}  # fmt: skip
+    base = {"H": 16, "HPG": 8, "P": 128, "BLOCK_L": 16, "BLOCK_P": 128, "BLOCK_PH": 64, "GATED": True,
+            "EMULATE": False}  # fmt: skip
     launches = {
         "regroup": regrouped.regroup_queries_kernel,
-        "move": regrouped.move_summaries_kernel,
         "merge": regrouped.merge_own_state_kernel,
         "prepare": regrouped.prepare_backward_kernel,
         "add": regrouped.add_query_grads_kernel,
@@ -104,6 +103,19 @@ def compile_regrouped_kernels() -> list[tuple[str, str]]:
         constexprs = {key: value for key, value in base.items() if key in kernel.arg_names}
         warps = regrouped.WARPS[name]
         rows.append((f"regrouped {name} (warps {warps})", _compile(kernel, constexprs, warps)))
+    return rows
+
+
+def compile_summary_moves() -> list[tuple[str, str]]:
+    """``(form, ptxas report)`` of the summary move: keys alone (the Triton path's rotation) and
+    keys with values, rotated back (the cuDNN path's gradients)."""
+    from rat_lightning.ops.chunk_attention import triton as kernels
+
+    rows = []
+    for has_v, inverse in ((False, False), (True, True)):
+        constexprs = {"P": 128, "BLOCK_R": 64, "BLOCK_PH": 64, "INVERSE": inverse, "HAS_V": has_v, "EMULATE": False}
+        report = _compile(kernels.move_summaries_kernel, constexprs, 4)
+        rows.append((f"move_summaries {'keys, values' if has_v else 'keys'}", report))
     return rows
 
 
@@ -142,7 +154,7 @@ def main() -> None:
     """Print one line per kernel config; exits non-zero if one does not compile."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
-    for name, report in compile_kernels() + compile_regrouped_kernels():
+    for name, report in compile_kernels() + compile_summary_moves() + compile_regrouped_kernels():
         print(f"{name:<40} {report}", flush=True)
 
 

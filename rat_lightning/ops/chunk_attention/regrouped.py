@@ -8,15 +8,15 @@ attention) over C - 1 positions, which a library kernel runs at its full speed
 (:mod:`.sdpa_lse`); these Triton kernels do the rest, each one pass over the rows:
 
 - forward: :func:`regroup_queries_kernel` (RoPE at the chunk index, the group's query copied to
-  its H / G heads), :func:`move_summaries_kernel` (rotated keys, values), the library call, then
-  :func:`merge_own_state_kernel`: the own state joins the softmax through the log-sum-exps,
+  its H / G heads), :func:`.triton.move_summaries_kernel` (rotated keys, values), the library
+  call, then :func:`merge_own_state_kernel`: the own state joins the softmax through the log-sum-exps,
   the gate applies, y is written in the token layout and the merged log-sum-exp is saved.
 - backward: :func:`prepare_backward_kernel` (dO = dy sigmoid(z), o = y / sigmoid(z), dz, the
   rotated queries again, and the own-state terms: the factors c, p of
   :class:`~rat_lightning.ops.recurrence.triton.StateGrads` and the own part of dq), the library
   backward with the merged o and log-sum-exp (exact gradients of the whole softmax, see
   :mod:`.sdpa_lse`), then :func:`add_query_grads_kernel` (a group's heads summed, rotated back,
-  added to dq) and :func:`move_summaries_kernel` again for the summaries' gradients.
+  added to dq) and :func:`.triton.move_summaries_kernel` again for the summaries' gradients.
 
 Regrouped buffers are ``(B, H * L, C, P)`` contiguous: element ``[b, h * L + i, c]`` is token
 cL + i of head h (rows past T hold zeros); the library sees the view ``[:, :, 1:]``. dO stays
@@ -32,7 +32,14 @@ import triton
 import triton.language as tl
 
 from rat_lightning.ops.chunk_attention.sdpa_lse import attention_with_lse, attention_with_lse_backward
-from rat_lightning.ops.chunk_attention.triton import _load_halves, _rotate, _rotate_back, _sigmoid, _tables
+from rat_lightning.ops.chunk_attention.triton import (
+    _load_halves,
+    _rotate,
+    _rotate_back,
+    _sigmoid,
+    _tables,
+    move_summaries,
+)
 from rat_lightning.ops.layout import check_output, rows_contiguous
 from rat_lightning.ops.recurrence.triton import StateGrads
 from rat_lightning.ops.triton_common import check_device, col_mask, is_interpreted, to_store
@@ -42,7 +49,7 @@ __all__ = ["WARPS", "regrouped_attention_bwd", "regrouped_attention_fwd"]
 # Warps per program. The backward's preparation holds about a dozen (L, P) fp32 tiles: at 4 warps
 # it takes 229 registers (Triton 3.6, sm_90), two programs per SM; at 8, 115. On the H100 at 64K,
 # 8 warps ran the op's forward+backward in 44.3 / 45.5 ms, 4 in 46.1 / 47.4, 16 in 46.4 / 47.3.
-WARPS = {"regroup": 4, "merge": 4, "prepare": 8, "add": 4, "move": 4}
+WARPS = {"regroup": 4, "merge": 4, "prepare": 8, "add": 4}
 
 
 @triton.jit
@@ -86,36 +93,6 @@ def regroup_queries_kernel(
     for i_hh in tl.static_range(HPG):
         o_r = ((i_g * HPG + i_hh) * L + o_i).to(tl.int64) * stride_rr + i_b * stride_rb + i_c * stride_rc
         _store_halves(qr, o_r, o_i < L, o_ph, m_ph, b_r1, b_r2, P // 2, EMULATE)
-
-
-@triton.jit
-def move_summaries_kernel(
-    src_k, src_v, dst_k, dst_v, p_cos, p_sin, ROWS, NJ, NJ_SRC,
-    s_sb, s_sj, s_sh, s_db, s_dj, s_dh,
-    P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_PH: tl.constexpr, INVERSE: tl.constexpr, EMULATE: tl.constexpr,
-):  # fmt: skip
-    """dst_k[b, j, h] = src_k[b, j, h] rotated by +j (INVERSE: by -j), dst_v[b, j, h] = src_v[b, j, h];
-    zeros for j >= NJ_SRC. Rows b * NJ + j; element strides (batch, j, head) per side. Grid
-    (cdiv(ROWS, BLOCK_R), H)."""
-    i_r, i_h = tl.program_id(0), tl.program_id(1)
-    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    m_r = o_r < ROWS
-    o_b, o_j = (o_r // NJ).to(tl.int64), o_r % NJ
-    m_src = m_r & (o_j < NJ_SRC)
-    o_ph = tl.arange(0, BLOCK_PH)
-    m_ph = col_mask(o_ph, P // 2, BLOCK_PH)
-    o_src = o_b * s_sb + o_j.to(tl.int64) * s_sj + i_h * s_sh
-    o_dst = o_b * s_db + o_j.to(tl.int64) * s_dj + i_h * s_dh
-    b_k1, b_k2 = _load_halves(src_k, o_src, m_src, o_ph, m_ph, P // 2, False)
-    b_cos = tl.load(p_cos + o_j[:, None] * (P // 2) + o_ph[None, :], mask=m_src[:, None] & m_ph[None, :], other=0.0)
-    b_sin = tl.load(p_sin + o_j[:, None] * (P // 2) + o_ph[None, :], mask=m_src[:, None] & m_ph[None, :], other=0.0)
-    if INVERSE:
-        b_r1, b_r2 = _rotate_back(b_k1.to(tl.float32), b_k2.to(tl.float32), b_cos, b_sin)
-    else:
-        b_r1, b_r2 = _rotate(b_k1.to(tl.float32), b_k2.to(tl.float32), b_cos, b_sin)
-    _store_halves(dst_k, o_dst, m_r, o_ph, m_ph, b_r1, b_r2, P // 2, EMULATE)
-    b_v1, b_v2 = _load_halves(src_v, o_src, m_src, o_ph, m_ph, P // 2, False)
-    _store_halves(dst_v, o_dst, m_r, o_ph, m_ph, b_v1.to(tl.float32), b_v2.to(tl.float32), P // 2, EMULATE)
 
 
 @triton.jit
@@ -274,31 +251,8 @@ def _summaries(sk: torch.Tensor, sx: torch.Tensor, chunk_size: int, cos: torch.T
     if count:
         ends = slice(chunk_size - 1, None, chunk_size)
         src_k, src_v = sk[:, ends], sx[:, ends]
-        _move_summaries((src_k, src_v), (keys.transpose(1, 2), values.transpose(1, 2)), count, cos, sin, opts)
+        move_summaries((src_k, src_v), (keys.transpose(1, 2), values.transpose(1, 2)), count, cos, sin, opts)
     return keys, values
-
-
-def _move_summaries(
-    src: tuple[torch.Tensor, torch.Tensor],
-    dst: tuple[torch.Tensor, torch.Tensor],
-    valid: int,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    opts: dict,
-    inverse: bool = False,
-) -> None:
-    """:func:`move_summaries_kernel` from ``src`` to ``dst`` (key, value) pairs, each indexed
-    ``(B, J, H, P)`` (any strides, rows contiguous); rows j >= ``valid`` of dst get zeros."""
-    batch, count, heads, dim = dst[0].shape
-    if src[0].stride() != src[1].stride():  # one set of strides per side (cuDNN's outputs share theirs)
-        src = (src[0].contiguous(), src[1].contiguous())
-    if dst[0].stride() != dst[1].stride():
-        raise ValueError(f"keys and values must share strides, got {dst[0].stride()} and {dst[1].stride()}")
-    rows, block = batch * count, 32
-    move_summaries_kernel[(triton.cdiv(rows, block), heads)](
-        *src, *dst, cos, sin, rows, count, valid, *src[0].stride()[:3], *dst[0].stride()[:3], P=dim, BLOCK_R=block,
-        BLOCK_PH=opts["BLOCK_PH"], INVERSE=inverse, EMULATE=opts["EMULATE"], num_warps=WARPS["move"],
-    )  # fmt: skip
 
 
 def regrouped_attention_fwd(
@@ -423,5 +377,5 @@ def regrouped_attention_bwd(
         )  # fmt: skip
         if full:
             src = (dk_lib.transpose(1, 2), dv_lib.transpose(1, 2))
-            _move_summaries(src, (dk_sum, dv_sum), chunks - 1, cos, sin, opts, inverse=True)
+            move_summaries(src, (dk_sum, dv_sum), chunks - 1, cos, sin, opts, inverse=True)
     return dq, dz if gate is not None else None, state_grads

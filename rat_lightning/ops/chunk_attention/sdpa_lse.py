@@ -122,12 +122,17 @@ def attention_with_lse_backward(
     )
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """fp32 causal scores ``(B, Hq, S, S)``, -inf above the diagonal."""
-    keys = k.float().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+def _scores(q: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """fp32 causal scores ``(B, Hq, S, S)`` against ``keys`` repeated to the query heads, -inf
+    above the diagonal."""
     s = q.float() @ keys.transpose(-1, -2) * scale
     causal = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
     return s.masked_fill(~causal, float("-inf"))
+
+
+def _to_query_heads(x: torch.Tensor, query_heads: int) -> torch.Tensor:
+    """``(B, Hk, S, P)`` keys or values repeated to ``(B, query_heads, S, P)`` fp32."""
+    return x.float().repeat_interleave(query_heads // x.shape[1], dim=1)
 
 
 def _group_sum(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -136,9 +141,9 @@ def _group_sum(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _torch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    s = _scores(q, k, scale)
+    s = _scores(q, _to_query_heads(k, q.shape[1]), scale)
     lse = torch.logsumexp(s, dim=-1)
-    o = torch.exp(s - lse[..., None]) @ v.float().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    o = torch.exp(s - lse[..., None]) @ _to_query_heads(v, q.shape[1])
     return o.to(q.dtype), lse
 
 
@@ -147,12 +152,11 @@ def _torch_bwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     heads = k.shape[1]
-    p = torch.exp(_scores(q, k, scale) - lse[..., None].float())
+    keys, values = _to_query_heads(k, q.shape[1]), _to_query_heads(v, q.shape[1])
+    p = torch.exp(_scores(q, keys, scale) - lse[..., None].float())
     do32 = do.float()
-    values = v.float().repeat_interleave(q.shape[1] // heads, dim=1)
     delta = (do32 * o.float()).sum(-1, keepdim=True)
     ds = p * (do32 @ values.transpose(-1, -2) - delta)
-    keys = k.float().repeat_interleave(q.shape[1] // heads, dim=1)
     dq = ds @ keys * scale
     dk = _group_sum(ds.transpose(-1, -2) @ q.float(), heads) * scale
     dv = _group_sum(p.transpose(-1, -2) @ do32, heads)

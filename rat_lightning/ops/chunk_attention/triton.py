@@ -27,7 +27,8 @@ Kernels (tiles in :data:`CONFIGS`):
   of rows jL + L - 1 and overwrites those rows of dk, dv (factored: the summary terms alone, into
   (B, C, H, P)). It runs after the dq kernel on the same stream, so neither atomics nor a
   scatter are needed.
-- ``rotate_summaries_kernel``: the rotated summaries, once per call (below).
+- ``move_summaries_kernel``: the rotated summaries, once per call (below); the cuDNN path
+  (:mod:`.regrouped`) moves its summaries and their gradients with it too.
 
 RoPE (rotate-half: pairs i and i + P/2): every row is loaded as its two halves of P/2, so the
 rotation needs no register permute and a score is the sum of two dots over P/2. Queries are
@@ -716,39 +717,62 @@ def _tables(length: int, chunk_size: int, head_dim: int, base: float, device: to
 
 
 @triton.jit
-def rotate_summaries_kernel(
-    k,
-    kr,
-    p_cos,
-    p_sin,
-    T,
-    C,
-    L,
-    ROWS,
-    H: tl.constexpr,
-    P: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_PH: tl.constexpr,
+def move_summaries_kernel(
+    src_k, src_v, dst_k, dst_v, p_cos, p_sin, ROWS, NJ, NJ_SRC,
+    s_sb, s_sj, s_sh, s_db, s_dj, s_dh,
+    P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_PH: tl.constexpr, INVERSE: tl.constexpr, HAS_V: tl.constexpr,
     EMULATE: tl.constexpr,
-):
-    """kr[b, j, h] = RoPE at position j of k[b, jL + L - 1, h], fp32 math, stored in kr's dtype.
-
-    Grid: (cdiv(B * C, BLOCK_R), H); k (B, T, H, P) and kr (B, C, H, P) contiguous, ROWS = B * C.
-    """
+):  # fmt: skip
+    """dst_k[b, j, h] = src_k[b, j, h] rotated by +j (INVERSE: by -j), fp32 math, stored in dst_k's
+    dtype; with HAS_V also dst_v[b, j, h] = src_v[b, j, h]. Zeros for j >= NJ_SRC. Rows b * NJ + j;
+    element strides (batch, j, head) per side, rows contiguous. Grid (cdiv(ROWS, BLOCK_R), H)."""
     i_r, i_h = tl.program_id(0), tl.program_id(1)
     o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
     m_r = o_r < ROWS
+    o_b, o_j = (o_r // NJ).to(tl.int64), o_r % NJ
+    m_src = m_r & (o_j < NJ_SRC)
     o_ph = tl.arange(0, BLOCK_PH)
     m_ph = col_mask(o_ph, P // 2, BLOCK_PH)
-    o_j = o_r % C
-    o_krow = (((o_r // C).to(tl.int64) * T + o_j * L + L - 1) * H + i_h) * P
-    b_k1, b_k2 = _load_halves(k, o_krow, m_r, o_ph, m_ph, P // 2, False)
-    b_cos, b_sin = _load_rope(p_cos, p_sin, o_j, m_r, o_ph, m_ph, P // 2, "")
-    b_r1, b_r2 = _rotate(b_k1.to(tl.float32), b_k2.to(tl.float32), b_cos, b_sin)
-    p_kr1 = kr + (o_r.to(tl.int64) * H + i_h)[:, None] * P + o_ph[None, :]
-    m_rph = m_r[:, None] & m_ph[None, :]
-    tl.store(p_kr1, to_store(b_r1, kr.dtype.element_ty, EMULATE), mask=m_rph)
-    tl.store(p_kr1 + P // 2, to_store(b_r2, kr.dtype.element_ty, EMULATE), mask=m_rph)
+    o_src = o_b * s_sb + o_j.to(tl.int64) * s_sj + i_h * s_sh
+    o_dst = (o_b * s_db + o_j.to(tl.int64) * s_dj + i_h * s_dh)[:, None] + o_ph[None, :]
+    m_dst = m_r[:, None] & m_ph[None, :]
+    b_k1, b_k2 = _load_halves(src_k, o_src, m_src, o_ph, m_ph, P // 2, False)
+    b_cos, b_sin = _load_rope(p_cos, p_sin, o_j, m_src, o_ph, m_ph, P // 2, "")
+    if INVERSE:
+        b_r1, b_r2 = _rotate_back(b_k1.to(tl.float32), b_k2.to(tl.float32), b_cos, b_sin)
+    else:
+        b_r1, b_r2 = _rotate(b_k1.to(tl.float32), b_k2.to(tl.float32), b_cos, b_sin)
+    tl.store(dst_k + o_dst, to_store(b_r1, dst_k.dtype.element_ty, EMULATE), mask=m_dst)
+    tl.store(dst_k + o_dst + P // 2, to_store(b_r2, dst_k.dtype.element_ty, EMULATE), mask=m_dst)
+    if HAS_V:
+        b_v1, b_v2 = _load_halves(src_v, o_src, m_src, o_ph, m_ph, P // 2, False)
+        tl.store(dst_v + o_dst, to_store(b_v1.to(tl.float32), dst_v.dtype.element_ty, EMULATE), mask=m_dst)
+        tl.store(dst_v + o_dst + P // 2, to_store(b_v2.to(tl.float32), dst_v.dtype.element_ty, EMULATE), mask=m_dst)
+
+
+def move_summaries(
+    src: tuple[torch.Tensor, ...],
+    dst: tuple[torch.Tensor, ...],
+    valid: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    options: dict,
+    inverse: bool = False,
+) -> None:
+    """:func:`move_summaries_kernel` from ``src`` to ``dst``: (keys,) or (keys, values), each
+    indexed ``(B, J, H, P)`` (any strides, rows contiguous); rows j >= ``valid`` of dst get zeros.
+    ``options``: BLOCK_PH and EMULATE (:func:`_launch_options`)."""
+    if len(src) == 2 and src[0].stride() != src[1].stride():  # one set of strides per side
+        src = (src[0].contiguous(), src[1].contiguous())
+    if len(dst) == 2 and dst[0].stride() != dst[1].stride():
+        raise ValueError(f"keys and values must share strides, got {dst[0].stride()} and {dst[1].stride()}")
+    batch, count, heads, dim = dst[0].shape
+    rows, block = batch * count, 64
+    move_summaries_kernel[(triton.cdiv(rows, block), heads)](
+        src[0], src[-1], dst[0], dst[-1], cos, sin, rows, count, valid, *src[0].stride()[:3], *dst[0].stride()[:3],
+        P=dim, BLOCK_R=block, BLOCK_PH=options["BLOCK_PH"], INVERSE=inverse, HAS_V=len(src) == 2,
+        EMULATE=options["EMULATE"], num_warps=4,
+    )  # fmt: skip
 
 
 def _rotated_summaries(
@@ -766,11 +790,7 @@ def _rotated_summaries(
         # Nothing to read; k stands in so that no kernel gets the null pointer of an empty tensor.
         return k
     kr = k.new_empty(batch, chunks, heads, head_dim)
-    rows, block = batch * chunks, 64
-    rotate_summaries_kernel[(triton.cdiv(rows, block), heads)](
-        k, kr, cos, sin, length, chunks, chunk_size, rows, H=heads, P=head_dim, BLOCK_R=block,
-        BLOCK_PH=options["BLOCK_PH"], EMULATE=options["EMULATE"], num_warps=4,
-    )  # fmt: skip
+    move_summaries((k[:, chunk_size - 1 :: chunk_size],), (kr,), chunks, cos, sin, options)
     return kr
 
 

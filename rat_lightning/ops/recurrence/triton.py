@@ -397,11 +397,11 @@ def recurrence_bwd_kernel_chunk(
     entering each block from its right (HAS_DC); outputs dx ``(B, T, H, P)``, dg like g,
     dk ``(B, T, G, P)``, dbias ``(n_programs_over_blocks, H, P)`` fp32. With SUMMARY, only
     hx, hk (``a_{t0} d_{t0}`` of the block's local scan) and ha (its gate product) are written.
-    FACTORED (restart form with k, :class:`StateGrads`): dsx is dO ``(B, T, H, P)`` and the state
-    gradients are ``ds_x = own_p dO``, ``ds_k = own_c sq`` (own_c, own_p ``(B, T, H)`` fp32, sq the
-    queries ``(B, T, G, P)`` with batch / time strides; dO read with strides by (batch, chunk,
-    offset in the chunk, head), so in either layout of :class:`StateGrads`), plus at the end of each of the C full
-    chunks its summary gradients dvs, dks ``(B, C, H, P)``, which enter the scan as its carry.
+    FACTORED (restart form with k, :class:`StateGrads`): dsx is dO and the state gradients are
+    ``ds_x = own_p dO``, ``ds_k = own_c sq`` (own_c, own_p ``(B, T, H)`` fp32, sq the queries
+    ``(B, T, G, P)`` with batch / time strides; dO read with strides by (batch, chunk, offset in
+    the chunk, head), so in either layout of :class:`StateGrads`), plus at the end of each of the
+    C full chunks its summary gradients dvs, dks ``(B, C, H, P)``, which enter the scan as its carry.
     """
     i_n, i_c = tl.program_id(0), tl.program_id(1)
     i_g, i_pb = i_c // NPB, i_c % NPB
