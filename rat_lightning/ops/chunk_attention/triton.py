@@ -111,15 +111,19 @@ def _config(kernel: str, dtype: torch.dtype, chunks: int) -> KernelConfig:
 
 
 @triton.jit
-def _load_halves(p_x, o_row, m_row, o_ph, m_ph, P_HALF: tl.constexpr, TRANSPOSE: tl.constexpr):
-    """Rows ``o_row`` (element offsets) of x as two halves, (rows, BLOCK_PH) or transposed."""
+def _load_halves(
+    p_x, o_row, m_row, o_ph, m_ph, P_HALF: tl.constexpr, TRANSPOSE: tl.constexpr, CACHE: tl.constexpr
+):
+    """Rows ``o_row`` (element offsets) of x as two halves, (rows, BLOCK_PH) or transposed; CACHE: a
+    cache modifier (a reload under another one is not merged with the first load)."""
     if TRANSPOSE:
         p_x1 = p_x + o_row[None, :] + o_ph[:, None]
         m_x = m_row[None, :] & m_ph[:, None]
     else:
         p_x1 = p_x + o_row[:, None] + o_ph[None, :]
         m_x = m_row[:, None] & m_ph[None, :]
-    return tl.load(p_x1, mask=m_x, other=0.0), tl.load(p_x1 + P_HALF, mask=m_x, other=0.0)
+    b_x1 = tl.load(p_x1, mask=m_x, other=0.0, cache_modifier=CACHE)
+    return b_x1, tl.load(p_x1 + P_HALF, mask=m_x, other=0.0, cache_modifier=CACHE)
 
 
 @triton.jit
@@ -162,7 +166,7 @@ def _load_summary_keys(kr_h, o_j, m_j, H: tl.constexpr, P: tl.constexpr, BLOCK_P
     this (batch, head)'s column of kr (B, C, H, P)."""
     o_ph = tl.arange(0, BLOCK_PH)
     m_ph = col_mask(o_ph, P // 2, BLOCK_PH)
-    return _load_halves(kr_h, o_j.to(tl.int64) * H * P, m_j, o_ph, m_ph, P // 2, TRANSPOSE)
+    return _load_halves(kr_h, o_j.to(tl.int64) * H * P, m_j, o_ph, m_ph, P // 2, TRANSPOSE, "")
 
 
 @triton.jit
@@ -296,8 +300,8 @@ def chunk_attention_fwd_kernel(
     o_qrow = i_b.to(tl.int64) * stride_qb + o_t.to(tl.int64) * stride_qt + (i_h // HPG) * P
     m_tp = m_t[:, None] & m_p[None, :]
 
-    b_q1, b_q2 = _load_halves(q, o_qrow, m_t, o_ph, m_ph, P // 2, False)
-    b_k1, b_k2 = _load_halves(k, o_row, m_t, o_ph, m_ph, P // 2, False)
+    b_q1, b_q2 = _load_halves(q, o_qrow, m_t, o_ph, m_ph, P // 2, False, "")
+    b_k1, b_k2 = _load_halves(k, o_row, m_t, o_ph, m_ph, P // 2, False, "")
     b_q1, b_q2 = b_q1.to(tl.float32), b_q2.to(tl.float32)
     # Own state first: q_t . k_t unrotated (the equal rotations cancel), value v_t.
     b_m = (tl.sum(b_q1 * b_k1.to(tl.float32), 1) + tl.sum(b_q2 * b_k2.to(tl.float32), 1)) * qk_scale
@@ -334,12 +338,39 @@ def chunk_attention_fwd_kernel(
 
 
 @triton.jit
+def _dq_prologue_half(dy, y, z, k, v, q, do, dz, o_row, o_zrow, o_dzrow, o_qrow, o_col, m, GATED: tl.constexpr,
+                      EMULATE: tl.constexpr, DTYPE: tl.constexpr):
+    """The query-side prologue over columns ``o_col`` (one half of P) of its rows; mask m (rows, cols).
+
+    Stores dO = dy * sigmoid(z) and dz = dy * y * sigmoid(-z) when GATED. Returns dO as a dot
+    operand of DTYPE and the fp32 partial rowsums of dy * y (delta), dO * v and q * k.
+    """
+    b_dy = tl.load(dy + o_row[:, None] + o_col[None, :], mask=m, other=0.0).to(tl.float32)
+    b_y = tl.load(y + o_row[:, None] + o_col[None, :], mask=m, other=0.0).to(tl.float32)
+    b_delta = tl.sum(b_dy * b_y, 1)
+    if GATED:
+        b_z = tl.load(z + o_zrow[:, None] + o_col[None, :], mask=m, other=0.0).to(tl.float32)
+        b_dz = b_dy * b_y * _sigmoid(-b_z)
+        tl.store(dz + o_dzrow[:, None] + o_col[None, :], to_store(b_dz, dz.dtype.element_ty, EMULATE), mask=m)
+        b_do = b_dy * _sigmoid(b_z)
+        tl.store(do + o_row[:, None] + o_col[None, :], to_store(b_do, do.dtype.element_ty, EMULATE), mask=m)
+    else:
+        b_do = b_dy
+    b_v = tl.load(v + o_row[:, None] + o_col[None, :], mask=m, other=0.0).to(tl.float32)
+    b_dov = tl.sum(b_do * b_v, 1)
+    b_q = tl.load(q + o_qrow[:, None] + o_col[None, :], mask=m, other=0.0).to(tl.float32)
+    b_k = tl.load(k + o_row[:, None] + o_col[None, :], mask=m, other=0.0).to(tl.float32)
+    return to_dot(b_do, DTYPE, EMULATE), b_delta, b_dov, tl.sum(b_q * b_k, 1)
+
+
+@triton.jit
 def _bwd_dq_inner(
     b_dqr1,
     b_dqr2,
     b_qr1,
     b_qr2,
-    b_do,
+    b_do1,
+    b_do2,
     b_lse,
     b_delta,
     o_c,
@@ -354,7 +385,6 @@ def _bwd_dq_inner(
     H: tl.constexpr,
     P: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_P: tl.constexpr,
     BLOCK_PH: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -362,7 +392,9 @@ def _bwd_dq_inner(
     DTYPE: tl.constexpr,
 ):
     """Accumulate dS @ K_rot over summary tiles [j_lo, j_hi) (unscaled, rotated frame); kr_h, v_h as in
-    :func:`_fwd_inner`."""
+    :func:`_fwd_inner`; dO in two halves of P, as dot operands."""
+    o_ph = tl.arange(0, BLOCK_PH)
+    m_ph = col_mask(o_ph, P // 2, BLOCK_PH)
     for j0 in range(j_lo, j_hi, BLOCK_N):
         o_j = j0 + tl.arange(0, BLOCK_N)
         m_j = o_j < n_keys
@@ -375,8 +407,9 @@ def _bwd_dq_inner(
         if CAUSAL:
             b_s = tl.where(o_j[None, :] < o_c[:, None], b_s, float("-inf"))
         b_p = tl.exp2(b_s - b_lse[:, None])
-        b_v = _load_summary_values(v_h, o_j, m_j, o_bt, L, H, P, BLOCK_P)
-        b_dp = tl.dot(b_do, tl.trans(to_dot(b_v, DTYPE, EMULATE)), input_precision=DOT_PRECISION)
+        b_v1, b_v2 = _load_halves(v_h, (o_bt + o_j * L + L - 1) * H * P, m_j, o_ph, m_ph, P // 2, False, "")
+        b_dp = tl.dot(b_do1, tl.trans(to_dot(b_v1, DTYPE, EMULATE)), input_precision=DOT_PRECISION)
+        b_dp = tl.dot(b_do2, tl.trans(to_dot(b_v2, DTYPE, EMULATE)), b_dp, input_precision=DOT_PRECISION)
         b_ds = to_dot(b_p * (b_dp - b_delta[:, None]), DTYPE, EMULATE)
         b_dqr1 = tl.dot(b_ds, b_kr1, b_dqr1, input_precision=DOT_PRECISION)
         b_dqr2 = tl.dot(b_ds, b_kr2, b_dqr2, input_precision=DOT_PRECISION)
@@ -446,39 +479,37 @@ def chunk_attention_bwd_kernel_dq(
     DTYPE = q.dtype.element_ty
     o_t = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_t = o_t < T
-    o_p = tl.arange(0, BLOCK_P)
     o_ph = tl.arange(0, BLOCK_PH)
-    m_p = col_mask(o_p, P, BLOCK_P)
     m_ph = col_mask(o_ph, P // 2, BLOCK_PH)
     o_bt = i_b.to(tl.int64) * T
     o_row = ((o_bt + o_t) * H + i_h) * P
     o_qrow = i_b.to(tl.int64) * stride_qb + o_t.to(tl.int64) * stride_qt + i_g * P
-    m_tp = m_t[:, None] & m_p[None, :]
     m_tph = m_t[:, None] & m_ph[None, :]
     o_lse = i_bh.to(tl.int64) * T + o_t
 
-    b_dy = tl.load(dy + o_row[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
-    b_y = tl.load(y + o_row[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
-    b_delta = tl.sum(b_dy * b_y, 1)
+    # The elementwise part runs over the two halves of P in turn: with every row tile of both
+    # halves live at once (dy, y, z, dO, q, k, v) the kernel needed 255 registers and spilled.
+    o_zrow = i_b.to(tl.int64) * stride_zb + o_t.to(tl.int64) * stride_zt + i_h * P
+    o_dzrow = i_b.to(tl.int64) * stride_dzb + o_t.to(tl.int64) * stride_dzt + i_h * P
+    b_do1, b_delta, b_dov, b_qk = _dq_prologue_half(
+        dy, y, z, k, v, q, do, dz, o_row, o_zrow, o_dzrow, o_qrow, o_ph, m_tph, GATED, EMULATE, DTYPE
+    )
+    b_do2, b_delta2, b_dov2, b_qk2 = _dq_prologue_half(
+        dy, y, z, k, v, q, do, dz, o_row, o_zrow, o_dzrow, o_qrow, o_ph + P // 2, m_tph, GATED, EMULATE, DTYPE
+    )
+    b_delta += b_delta2
     tl.store(delta + o_lse, b_delta, mask=m_t)
-    if GATED:
-        o_zrow = i_b.to(tl.int64) * stride_zb + o_t.to(tl.int64) * stride_zt + i_h * P
-        b_z = tl.load(z + o_zrow[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
-        o_dzrow = i_b.to(tl.int64) * stride_dzb + o_t.to(tl.int64) * stride_dzt + i_h * P
-        b_dz = b_dy * b_y * _sigmoid(-b_z)
-        tl.store(dz + o_dzrow[:, None] + o_p[None, :], to_store(b_dz, dz.dtype.element_ty, EMULATE), mask=m_tp)
-        b_do = b_dy * _sigmoid(b_z)
-        tl.store(do + o_row[:, None] + o_p[None, :], to_store(b_do, do.dtype.element_ty, EMULATE), mask=m_tp)
-    else:
-        b_do = b_dy
     b_lse = tl.load(lse + o_lse, mask=m_t, other=0.0)
+    # Own-state term: p_own = softmax weight of q . k_t, dS_own = p_own (dO . v_t - delta), unscaled.
+    b_p_own = tl.exp2((b_qk + b_qk2) * qk_scale - b_lse)
+    b_ds_own = b_p_own * (b_dov + b_dov2 - b_delta)
 
-    b_q1, b_q2 = _load_halves(q, o_qrow, m_t, o_ph, m_ph, P // 2, False)
-    b_k1, b_k2 = _load_halves(k, o_row, m_t, o_ph, m_ph, P // 2, False)
+    # Reloads (L1 / L2 hits) under another cache modifier, so the compiler keeps them apart from
+    # the prologue's loads instead of holding those tiles live.
+    o_c = o_t // L
+    b_cos, b_sin = _load_rope(p_cos, p_sin, o_c, m_t, o_ph, m_ph, P // 2, "")
+    b_q1, b_q2 = _load_halves(q, o_qrow, m_t, o_ph, m_ph, P // 2, False, ".ca")
     b_q1, b_q2 = b_q1.to(tl.float32), b_q2.to(tl.float32)
-    b_k1, b_k2 = b_k1.to(tl.float32), b_k2.to(tl.float32)
-    b_v = tl.load(v + o_row[:, None] + o_p[None, :], mask=m_tp, other=0.0).to(tl.float32)
-    b_ds_own, b_p_own = _own_grads(b_q1, b_q2, b_k1, b_k2, b_v, b_do, b_lse, b_delta, qk_scale)
     if FACTORED:
         # dk_t = c_t q_t and dv_t = p_t dO_t: two numbers per row instead of two rows.
         o_own = (o_bt + o_t) * H + i_h
@@ -489,11 +520,11 @@ def chunk_attention_bwd_kernel_dq(
         b_dk1, b_dk2 = b_ds_own[:, None] * b_q1 * scale, b_ds_own[:, None] * b_q2 * scale
         tl.store(p_dk1, to_store(b_dk1, dk.dtype.element_ty, EMULATE), mask=m_tph)
         tl.store(p_dk1 + P // 2, to_store(b_dk2, dk.dtype.element_ty, EMULATE), mask=m_tph)
-        p_dv = dv + o_row[:, None] + o_p[None, :]
-        tl.store(p_dv, to_store(b_p_own[:, None] * b_do, dv.dtype.element_ty, EMULATE), mask=m_tp)
+        p_dv1 = dv + o_row[:, None] + o_ph[None, :]
+        b_dv1, b_dv2 = b_p_own[:, None] * b_do1.to(tl.float32), b_p_own[:, None] * b_do2.to(tl.float32)
+        tl.store(p_dv1, to_store(b_dv1, dv.dtype.element_ty, EMULATE), mask=m_tph)
+        tl.store(p_dv1 + P // 2, to_store(b_dv2, dv.dtype.element_ty, EMULATE), mask=m_tph)
 
-    o_c = o_t // L
-    b_cos, b_sin = _load_rope(p_cos, p_sin, o_c, m_t, o_ph, m_ph, P // 2, "")
     b_qr1, b_qr2 = _rotate(b_q1, b_q2, b_cos, b_sin)
     b_qr1 = to_dot(b_qr1, DTYPE, EMULATE)
     b_qr2 = to_dot(b_qr2, DTYPE, EMULATE)
@@ -501,22 +532,23 @@ def chunk_attention_bwd_kernel_dq(
         p_qr1 = qr + ((o_bt + o_t) * G + i_g)[:, None] * P + o_ph[None, :]
         tl.store(p_qr1, to_store(b_qr1, qr.dtype.element_ty, EMULATE), mask=m_tph)
         tl.store(p_qr1 + P // 2, to_store(b_qr2, qr.dtype.element_ty, EMULATE), mask=m_tph)
-    b_do_dot = to_dot(b_do, DTYPE, EMULATE)
     # The own term dS_own * k joins the accumulator in the rotated frame (rotated forward here,
     # back with the rest after the loop), so k, cos and sin need not stay live across the loop.
-    b_dqr1, b_dqr2 = _rotate(b_ds_own[:, None] * b_k1, b_ds_own[:, None] * b_k2, b_cos, b_sin)
+    b_k1, b_k2 = _load_halves(k, o_row, m_t, o_ph, m_ph, P // 2, False, ".ca")
+    b_dqr1, b_dqr2 = _rotate(b_ds_own[:, None] * b_k1.to(tl.float32), b_ds_own[:, None] * b_k2.to(tl.float32),
+                             b_cos, b_sin)  # fmt: skip
 
     c_first = (i_m * BLOCK_M) // L
     n_keys = tl.minimum((tl.minimum(i_m * BLOCK_M + BLOCK_M, T) - 1) // L, C)
     j_mid = (c_first // BLOCK_N) * BLOCK_N
     kr_h, v_h = _summary_columns(kr, v, i_b, i_h, C, H, P)
     b_dqr1, b_dqr2 = _bwd_dq_inner(
-        b_dqr1, b_dqr2, b_qr1, b_qr2, b_do_dot, b_lse, b_delta, o_c, kr_h, v_h, o_bt, 0, j_mid, n_keys,
-        L, qk_scale, H, P, BLOCK_N, BLOCK_P, BLOCK_PH, False, DOT_PRECISION, EMULATE, DTYPE,
+        b_dqr1, b_dqr2, b_qr1, b_qr2, b_do1, b_do2, b_lse, b_delta, o_c, kr_h, v_h, o_bt, 0, j_mid, n_keys,
+        L, qk_scale, H, P, BLOCK_N, BLOCK_PH, False, DOT_PRECISION, EMULATE, DTYPE,
     )  # fmt: skip
     b_dqr1, b_dqr2 = _bwd_dq_inner(
-        b_dqr1, b_dqr2, b_qr1, b_qr2, b_do_dot, b_lse, b_delta, o_c, kr_h, v_h, o_bt, j_mid, n_keys, n_keys,
-        L, qk_scale, H, P, BLOCK_N, BLOCK_P, BLOCK_PH, True, DOT_PRECISION, EMULATE, DTYPE,
+        b_dqr1, b_dqr2, b_qr1, b_qr2, b_do1, b_do2, b_lse, b_delta, o_c, kr_h, v_h, o_bt, j_mid, n_keys, n_keys,
+        L, qk_scale, H, P, BLOCK_N, BLOCK_PH, True, DOT_PRECISION, EMULATE, DTYPE,
     )  # fmt: skip
     b_cos, b_sin = _load_rope(p_cos, p_sin, o_c, m_t, o_ph, m_ph, P // 2, ".cg")
     b_dq1, b_dq2 = _rotate_back(b_dqr1, b_dqr2, b_cos, b_sin)
@@ -570,7 +602,7 @@ def _bwd_dkv_inner(
         o_t = t0 + tl.arange(0, BLOCK_M)
         m_t = o_t < T
         # Rotated queries (B, T, G, P) transposed (BLOCK_PH, BLOCK_M): scores come out key-major.
-        b_qrt1, b_qrt2 = _load_halves(qr_g, (o_bt + o_t) * G * P, m_t, o_ph, m_ph, P // 2, True)
+        b_qrt1, b_qrt2 = _load_halves(qr_g, (o_bt + o_t) * G * P, m_t, o_ph, m_ph, P // 2, True, "")
         o_dorow = (o_bt + o_t) * H * P
         b_do = tl.load(do_h + o_dorow[:, None] + o_p[None, :], mask=m_t[:, None] & m_p[None, :], other=0.0)
         b_qrt1 = to_dot(b_qrt1, DTYPE, EMULATE)
@@ -659,8 +691,8 @@ def chunk_attention_bwd_kernel_dkv(
         # Row jL + L - 1 is also its own query's own state: its term seeds the accumulators (dk in
         # the rotated frame, like the summary term), so the raw rows need not stay live across the loop.
         o_qrow = i_b.to(tl.int64) * stride_qb + o_r.to(tl.int64) * stride_qt + i_g * P
-        b_q1, b_q2 = _load_halves(q, o_qrow, m_j, o_ph, m_ph, P // 2, False)
-        b_k1, b_k2 = _load_halves(k, o_krow, m_j, o_ph, m_ph, P // 2, False)
+        b_q1, b_q2 = _load_halves(q, o_qrow, m_j, o_ph, m_ph, P // 2, False, "")
+        b_k1, b_k2 = _load_halves(k, o_krow, m_j, o_ph, m_ph, P // 2, False, "")
         b_q1, b_q2 = b_q1.to(tl.float32), b_q2.to(tl.float32)
         b_do = tl.load(do + o_krow[:, None] + o_p[None, :], mask=m_jp, other=0.0).to(tl.float32)
         b_lse = tl.load(lse + o_bht + o_r, mask=m_j, other=0.0)
@@ -672,7 +704,7 @@ def chunk_attention_bwd_kernel_dkv(
         b_cos, b_sin = _load_rope(p_cos, p_sin, o_j, m_j, o_ph, m_ph, P // 2, "")
         b_dkr1, b_dkr2 = _rotate(b_ds_own[:, None] * b_q1, b_ds_own[:, None] * b_q2, b_cos, b_sin)
     o_kr = ((i_b.to(tl.int64) * C + o_j) * H + i_h) * P
-    b_kr1, b_kr2 = _load_halves(kr, o_kr, m_j, o_ph, m_ph, P // 2, False)
+    b_kr1, b_kr2 = _load_halves(kr, o_kr, m_j, o_ph, m_ph, P // 2, False, "")
     b_kr1 = to_dot(b_kr1, DTYPE, EMULATE)
     b_kr2 = to_dot(b_kr2, DTYPE, EMULATE)
     b_v = to_dot(b_v, DTYPE, EMULATE)
@@ -736,7 +768,7 @@ def move_summaries_kernel(
     o_src = o_b * s_sb + o_j.to(tl.int64) * s_sj + i_h * s_sh
     o_dst = (o_b * s_db + o_j.to(tl.int64) * s_dj + i_h * s_dh)[:, None] + o_ph[None, :]
     m_dst = m_r[:, None] & m_ph[None, :]
-    b_k1, b_k2 = _load_halves(src_k, o_src, m_src, o_ph, m_ph, P // 2, False)
+    b_k1, b_k2 = _load_halves(src_k, o_src, m_src, o_ph, m_ph, P // 2, False, "")
     b_cos, b_sin = _load_rope(p_cos, p_sin, o_j, m_src, o_ph, m_ph, P // 2, "")
     if INVERSE:
         b_r1, b_r2 = _rotate_back(b_k1.to(tl.float32), b_k2.to(tl.float32), b_cos, b_sin)
@@ -745,7 +777,7 @@ def move_summaries_kernel(
     tl.store(dst_k + o_dst, to_store(b_r1, dst_k.dtype.element_ty, EMULATE), mask=m_dst)
     tl.store(dst_k + o_dst + P // 2, to_store(b_r2, dst_k.dtype.element_ty, EMULATE), mask=m_dst)
     if HAS_V:
-        b_v1, b_v2 = _load_halves(src_v, o_src, m_src, o_ph, m_ph, P // 2, False)
+        b_v1, b_v2 = _load_halves(src_v, o_src, m_src, o_ph, m_ph, P // 2, False, "")
         tl.store(dst_v + o_dst, to_store(b_v1.to(tl.float32), dst_v.dtype.element_ty, EMULATE), mask=m_dst)
         tl.store(dst_v + o_dst + P // 2, to_store(b_v2.to(tl.float32), dst_v.dtype.element_ty, EMULATE), mask=m_dst)
 
