@@ -1,13 +1,15 @@
 """Model-level training throughput and MFU on one GPU: the 1.3B RAT and attention models.
 
     python -m rat_lightning.bench.train_throughput out.json [--mixers rat attention] [--modes eager compile]
-        [--accumulate 1 8] [--profile] [--seq-len 4096] [--backends auto triton]
+        [--accumulate 1 8] [--profile] [--seq-len 4096] [--backends auto triton] [--recompute]
 
 Each model trains on random tokens at seq 4096 (``--seq-len``) in bf16 autocast with fp32 master weights and
 fused AdamW (the optimizer step included in the time), eager and under torch.compile (the model
 and the loss compiled apart, as ``LanguageModelModule(compile=True)`` does), at the largest batch
 of (8, 4, 2, 1) that fits. ``--profile`` adds each configuration's CUDA time per step by kernel
-group (GEMMs, our kernels, torch.compile's fused kernels, optimizer, loss, glue).
+group (GEMMs, our kernels, torch.compile's fused kernels, optimizer, loss, glue). ``--recompute``
+turns on activation checkpointing (``ModelConfig.activation_checkpointing``), for sequences whose
+activations do not fit otherwise.
 MFU = FLOPs per token (``model.flops_per_token``, which counts attention and the recurrence, not
 6N alone) x tokens/s / dense bf16 peak.
 """
@@ -42,6 +44,7 @@ def measure(
     backend: str = "auto",
     n_layers: int = 24,
     batches: tuple[int, ...] = (8, 4, 2, 1),
+    recompute: bool = False,
 ) -> dict:
     """Tokens/s and MFU of one training configuration, at the largest batch that fits.
 
@@ -51,6 +54,8 @@ def measure(
         n_layers: depth (24 for the 1.3B model; fewer fit long sequences on one GPU without
             activation checkpointing).
         batches: the batch sizes to try, largest first.
+        recompute: activation checkpointing; MFU still counts the model's FLOPs only, not the
+            recomputed forward.
         accumulate: micro-batches per optimizer step (``trainer.accumulate_grad_batches``; the
             1.3B recipe of docs/configs.md uses 8): one GPU reaches a pretraining batch only this
             way, and the optimizer's pass over the fp32 weights and moments then happens once per
@@ -60,7 +65,7 @@ def measure(
     """
     config = ModelConfig(
         vocab_size=32000, d_model=2048, n_layers=n_layers, n_heads=16, n_groups=2, chunk_size=16, mixer=mixer,
-        max_seq_len=seq_len, backend=backend,
+        max_seq_len=seq_len, backend=backend, activation_checkpointing=recompute,
     )  # fmt: skip
     for batch in batches:
         try:
@@ -100,7 +105,7 @@ def measure(
                 extra = {"profile_ms": group_totals(kernels), "top_kernels": kernels[:12], "top_by_group": by_group}
             return {
                 "mixer": mixer, "backend": backend, "compile": compile, "batch": batch, "accumulate": accumulate,
-                "seq_len": seq_len,
+                "seq_len": seq_len, "n_layers": n_layers, "recompute": recompute,
                 "params": model.num_parameters(), "step_s": seconds, "tokens_per_s": tokens_per_s,
                 "flops_per_token": flops, "mfu": flops * tokens_per_s / _peak(),
                 "max_memory_gb": torch.cuda.max_memory_allocated() / 1e9, **extra,
@@ -127,17 +132,19 @@ if __name__ == "__main__":
     parser.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "triton"])
     parser.add_argument("--layers", type=int, default=24, help="depth (24: the 1.3B model)")
     parser.add_argument("--batches", nargs="+", type=int, default=[8, 4, 2, 1], help="batch sizes to try")
+    parser.add_argument("--recompute", action="store_true", help="activation checkpointing")
     args = parser.parse_args()
     rows = [
         measure(mixer, args.seq_len, mode == "compile", profile=args.profile, accumulate=accumulate, backend=backend,
-                n_layers=args.layers, batches=tuple(args.batches))
+                n_layers=args.layers, batches=tuple(args.batches), recompute=args.recompute)
         for mode in args.modes for accumulate in args.accumulate for mixer in args.mixers for backend in args.backends
     ]  # fmt: skip
     for r in rows:
         if "error" in r:
             print(r)
         else:
-            print(f"{r['mixer']:10} {r['backend']:6} compile={r['compile']!s:5} batch {r['batch']} x{r['accumulate']} "
+            print(f"{r['mixer']:10} {r['backend']:6} compile={r['compile']!s:5} recompute={r['recompute']!s:5} "
+                  f"seq {r['seq_len']} batch {r['batch']} x{r['accumulate']} "
                   f"{r['tokens_per_s']:9.0f} tok/s "
                   f"MFU {100 * r['mfu']:5.1f}%  step {r['step_s'] * 1e3:7.1f} ms  mem {r['max_memory_gb']:.1f} GB")
             if "profile_ms" in r:

@@ -12,7 +12,7 @@ from rat_lightning.sparse.pattern import InferencePattern
 MIXER_NAMES = ("attention", "local_attention", "rnn", "rat", "retention", "rat_plus", "gated_attention")
 # Fields that change neither the weights' shapes nor their meaning: a run may change them
 # when it loads a checkpoint (the pattern is what resolution adaptation changes).
-RUNTIME_FIELDS = frozenset({"max_seq_len", "backend", "init_std", "pattern"})
+RUNTIME_FIELDS = frozenset({"max_seq_len", "backend", "init_std", "pattern", "activation_checkpointing"})
 
 
 @dataclass
@@ -56,6 +56,11 @@ class ModelConfig:
     """Std of the normal init of every weight matrix and the embedding."""
     backend: Literal["auto", "reference", "triton"] = "auto"
     """Backend of the hot ops: auto = Triton kernels on CUDA, the PyTorch reference elsewhere."""
+    activation_checkpointing: bool = False
+    """Recompute each block's forward during the backward (non-reentrant ``torch.utils.checkpoint``):
+    training keeps only the blocks' inputs, for sequences or batches whose activations do not fit,
+    at the cost of one more forward per step. Under FSDP use the strategy's
+    ``activation_checkpointing_policy`` instead, not both."""
     pattern: InferencePattern = field(default_factory=InferencePattern)
     """Attention pattern of rat_plus / gated_attention / attention layers (dense by default);
     resolution adaptation sets a sparse one. Changing it keeps the weights' shapes."""

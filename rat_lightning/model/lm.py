@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from rat_lightning.layers import FeedForward, RMSNorm
 from rat_lightning.model.config import ModelConfig
@@ -134,8 +135,10 @@ class RATLanguageModel(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``(B, T)`` int64 token ids -> ``(B, T, vocab_size)`` logits."""
         h = self.embed(input_ids)
+        recompute = self.config.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            h = block(h)
+            # With recompute, autograd keeps only h here; the block runs again in the backward.
+            h = checkpoint(block, h, use_reentrant=False) if recompute else block(h)
         return self.head(self.norm(h))
 
     def init_cache(self, batch_size: int, device: torch.device | None = None, capacity: int = 0) -> list[Any]:
