@@ -21,7 +21,7 @@ from rat_lightning.layers import FeedForward, RMSNorm
 from rat_lightning.model.config import ModelConfig
 from rat_lightning.model.flops import flops_per_token
 from rat_lightning.model.registry import build_mixer
-from rat_lightning.sparse.pattern import InferencePattern
+from rat_lightning.sparse.pattern import InferencePattern, LayerPattern
 
 
 class Block(nn.Module):
@@ -55,6 +55,22 @@ class Block(nn.Module):
         mixed, cache = self.mixer.prefill(self.mixer_norm(h), cache)
         h = h + mixed
         return h + self.ffn(self.ffn_norm(h)), cache
+
+
+def _run_under(block: Block, pattern: LayerPattern, h: torch.Tensor) -> torch.Tensor:
+    """``block(h)`` with its mixer under ``pattern``, the layer pattern of the forward.
+
+    An eager recompute runs in the backward, when the model may be under another pattern (RAT+
+    joint training switches back to dense before the backward); it must attend as the forward did.
+    """
+    current = block.mixer.pattern
+    if current is pattern:
+        return block(h)
+    block.mixer.set_pattern(pattern)
+    try:
+        return block(h)
+    finally:
+        block.mixer.set_pattern(current)
 
 
 class RATLanguageModel(nn.Module):
@@ -138,7 +154,7 @@ class RATLanguageModel(nn.Module):
         recompute = self.config.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             # With recompute, autograd keeps only h here; the block runs again in the backward.
-            h = checkpoint(block, h, use_reentrant=False) if recompute else block(h)
+            h = checkpoint(_run_under, block, block.mixer.pattern, h, use_reentrant=False) if recompute else block(h)
         return self.head(self.norm(h))
 
     def init_cache(self, batch_size: int, device: torch.device | None = None, capacity: int = 0) -> list[Any]:

@@ -3,6 +3,7 @@ import torch
 
 from rat_lightning.errors import ConfigError
 from rat_lightning.model import ModelConfig, RATLanguageModel, generate
+from rat_lightning.sparse.pattern import InferencePattern
 from tests.conftest import assert_close
 
 
@@ -126,3 +127,20 @@ def test_activation_checkpointing_saves_less_and_gives_the_same_gradients(mixer)
     assert saved_recomputed < saved / 2
     with torch.no_grad():  # inference never recomputes
         assert_close(model(ids), model.eval()(ids), 0)
+
+
+def test_activation_checkpointing_recomputes_under_the_forwards_pattern():
+    # RAT+ joint training: the second forward runs under a sparse pattern, its backward after the
+    # pattern is switched back; the recompute must still use the sparse one.
+    model = RATLanguageModel(tiny(mixer="rat_plus", chunk_size=4)).double()
+    ids = torch.randint(0, 97, (2, 19))
+
+    def grads(recompute: bool):
+        model.config.activation_checkpointing = recompute
+        loss = model(ids).logsumexp(-1).mean()
+        with model.using_pattern(InferencePattern(dilation=4)):
+            loss = loss + model(ids).logsumexp(-1).mean()
+        return torch.autograd.grad(loss, list(model.parameters()))
+
+    for grad, grad_recomputed in zip(grads(False), grads(True)):
+        assert_close(grad_recomputed, grad, 1e-12)
