@@ -99,6 +99,13 @@ class LanguageModelModule(L.LightningModule):
             self._cross_entropy_sum = torch.compile(cross_entropy_sum)
 
     def setup(self, stage: str) -> None:
+        # Both would wrap each block in a recompute: every block's forward would run three times.
+        strategy = getattr(self._trainer, "strategy", None)
+        if self.model.config.activation_checkpointing and getattr(strategy, "_activation_checkpointing_kwargs", None):
+            raise ConfigError(
+                "model.config.activation_checkpointing and the strategy's activation_checkpointing_policy both "
+                "recompute the blocks; set one (under FSDP, the strategy's)"
+            )
         # Before Lightning restores a ckpt_path (which then replaces these weights on a resume)
         # and before a sharding strategy wraps the model.
         if stage == "fit" and self.hparams.init_from:
