@@ -86,7 +86,7 @@ class KernelConfig(NamedTuple):
 # in dq, and in the factored dkv kernel lost 1.5% at 128K and tied at 64K
 # (docs/benchmarks/chunk_attention_tma_h100.json, dkv_tma_ab_h100.json), so they were removed;
 # from 2K chunks on the RAT layer runs the attention through cuDNN anyway. With the JIT's
-# alignment the bf16 tiles use at most 255 registers and spill at most 248 bytes (``bench
+# alignment the bf16 tiles use at most 255 registers and spill at most 216 bytes (``bench
 # kernel_report``). fp32 is the accuracy path: its IEEE dots run on FMA units, least spilled
 # with small tiles.
 CONFIGS = {
@@ -152,11 +152,18 @@ def _rotate_back(b_g1, b_g2, b_cos, b_sin):
 
 
 @triton.jit
+def _own_terms(b_qk, b_dov, b_lse, b_delta, qk_scale):
+    """Own-state term from the rowsums q . k and dO . v: (dS_own, p_own), p_own = the softmax
+    weight of the own score, dS_own = p_own * (dO . v - delta), unscaled."""
+    b_p = tl.exp2(b_qk * qk_scale - b_lse)
+    return b_p * (b_dov - b_delta), b_p
+
+
+@triton.jit
 def _own_grads(b_q1, b_q2, b_k1, b_k2, b_v, b_do, b_lse, b_delta, qk_scale):
-    """Own-state term of fp32 rows: (dS_own, p_own), dS_own = p_own * (dO . v - delta), unscaled."""
-    b_p = tl.exp2((tl.sum(b_q1 * b_k1, 1) + tl.sum(b_q2 * b_k2, 1)) * qk_scale - b_lse)
-    b_ds = b_p * (tl.sum(b_do * b_v, 1) - b_delta)
-    return b_ds, b_p
+    """:func:`_own_terms` of fp32 rows (q and k in two halves)."""
+    b_qk = tl.sum(b_q1 * b_k1, 1) + tl.sum(b_q2 * b_k2, 1)
+    return _own_terms(b_qk, tl.sum(b_do * b_v, 1), b_lse, b_delta, qk_scale)
 
 
 @triton.jit
@@ -170,11 +177,17 @@ def _load_summary_keys(kr_h, o_j, m_j, H: tl.constexpr, P: tl.constexpr, BLOCK_P
 
 
 @triton.jit
+def _summary_value_rows(o_j, o_bt, L, H: tl.constexpr, P: tl.constexpr):
+    """Element offsets of the values V_j = v[jL + L - 1] of summaries o_j in this head's column of
+    v (B, T, H, P)."""
+    return (o_bt + o_j * L + L - 1) * H * P
+
+
+@triton.jit
 def _load_summary_values(v_h, o_j, m_j, o_bt, L, H: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Values V_j = v[jL + L - 1] (BLOCK_N, BLOCK_P) of summaries o_j: a strided gather from this
-    head's column of v (B, T, H, P)."""
+    """Values V_j (BLOCK_N, BLOCK_P) of summaries o_j: a strided gather (:func:`_summary_value_rows`)."""
     o_p = tl.arange(0, BLOCK_P)
-    o_vrow = (o_bt + o_j * L + L - 1) * H * P
+    o_vrow = _summary_value_rows(o_j, o_bt, L, H, P)
     m_v = m_j[:, None] & col_mask(o_p, P, BLOCK_P)[None, :]
     return tl.load(v_h + o_vrow[:, None] + o_p[None, :], mask=m_v, other=0.0)
 
@@ -407,7 +420,7 @@ def _bwd_dq_inner(
         if CAUSAL:
             b_s = tl.where(o_j[None, :] < o_c[:, None], b_s, float("-inf"))
         b_p = tl.exp2(b_s - b_lse[:, None])
-        b_v1, b_v2 = _load_halves(v_h, (o_bt + o_j * L + L - 1) * H * P, m_j, o_ph, m_ph, P // 2, False, "")
+        b_v1, b_v2 = _load_halves(v_h, _summary_value_rows(o_j, o_bt, L, H, P), m_j, o_ph, m_ph, P // 2, False, "")
         b_dp = tl.dot(b_do1, tl.trans(to_dot(b_v1, DTYPE, EMULATE)), input_precision=DOT_PRECISION)
         b_dp = tl.dot(b_do2, tl.trans(to_dot(b_v2, DTYPE, EMULATE)), b_dp, input_precision=DOT_PRECISION)
         b_ds = to_dot(b_p * (b_dp - b_delta[:, None]), DTYPE, EMULATE)
@@ -500,9 +513,7 @@ def chunk_attention_bwd_kernel_dq(
     b_delta += b_delta2
     tl.store(delta + o_lse, b_delta, mask=m_t)
     b_lse = tl.load(lse + o_lse, mask=m_t, other=0.0)
-    # Own-state term: p_own = softmax weight of q . k_t, dS_own = p_own (dO . v_t - delta), unscaled.
-    b_p_own = tl.exp2((b_qk + b_qk2) * qk_scale - b_lse)
-    b_ds_own = b_p_own * (b_dov + b_dov2 - b_delta)
+    b_ds_own, b_p_own = _own_terms(b_qk + b_qk2, b_dov + b_dov2, b_lse, b_delta, qk_scale)
 
     # Reloads (L1 / L2 hits) under another cache modifier, so the compiler keeps them apart from
     # the prologue's loads instead of holding those tiles live.
