@@ -107,7 +107,7 @@ def test_eos_stops_rows():
 
 
 @pytest.mark.parametrize("mixer", ["rat", "attention", ["local_attention", "rat"]])
-def test_activation_checkpointing_saves_less_and_gives_the_same_gradients(mixer):
+def test_activation_checkpointing_saves_less_and_gives_the_same_gradients(mixer, monkeypatch):
     model = RATLanguageModel(tiny(mixer=mixer)).double()
     ids = torch.randint(0, 97, (2, 19))
 
@@ -125,8 +125,10 @@ def test_activation_checkpointing_saves_less_and_gives_the_same_gradients(mixer)
     for grad, grad_recomputed in zip(grads, grads_recomputed):
         assert_close(grad_recomputed, grad, 1e-12)
     assert saved_recomputed < saved / 2
-    with torch.no_grad():  # inference never recomputes
-        assert_close(model(ids), model.eval()(ids), 0)
+    # Inference (no autograd) never wraps a block in a checkpoint.
+    monkeypatch.setattr("rat_lightning.model.lm.checkpoint", lambda *args, **kwargs: pytest.fail("checkpointed"))
+    with torch.no_grad():
+        model(ids)
 
 
 def test_activation_checkpointing_recomputes_under_the_forwards_pattern():
