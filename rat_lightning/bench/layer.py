@@ -19,15 +19,25 @@ import torch.nn.functional as F
 from rat_lightning.layers import RAT, Attention
 
 
-def _time(fn: Callable[[], object], warmup: int = 10, rep: int = 50) -> float:
+def _time(
+    fn: Callable[[], object], warmup: int = 10, rep: int = 50, grad_to_none: list[torch.Tensor] | None = None
+) -> float:
+    """Median ms of ``fn``; the ``.grad`` of ``grad_to_none`` is reset before each call, so a
+    backward writes the gradients instead of adding to the last call's (an add that is the
+    harness's, not the layer's: 1.1 ms per step for x.grad at 262K tokens x 2048)."""
     import triton.testing
 
-    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    return float(
+        triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
+    )
 
 
 def _fwd_bwd(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    # The upstream gradient is made once: a fill per call would be timed with the layer.
+    grad = torch.ones_like(x)
+
     def run() -> None:
-        module(x).backward(torch.ones_like(x))
+        module(x).backward(grad)
 
     return run
 
@@ -84,7 +94,7 @@ def bench_layer(
             variants["rat_reference_compiled"] = torch.compile(reference)
         for name, module in variants.items():
             try:
-                fwd_bwd = _time(_fwd_bwd(module, x))
+                fwd_bwd = _time(_fwd_bwd(module, x), grad_to_none=[x, *module.parameters()])
                 fwd = _time(_forward(module, x))
             except torch.OutOfMemoryError:
                 fwd_bwd = fwd = float("nan")
@@ -104,7 +114,8 @@ def bench_layer(
             with torch.no_grad():
                 projections(backward=False)
 
-        rows.append({"T": length, "batch": batch, "variant": "floor_projections", "fwd_bwd_ms": _time(projections),
+        rows.append({"T": length, "batch": batch, "variant": "floor_projections",
+                     "fwd_bwd_ms": _time(projections, grad_to_none=[x, w_in, w_out]),
                      "fwd_ms": _time(projections_forward)})  # fmt: skip
         chunks = length // chunk_size
         q = torch.randn(batch, heads, chunks, d_model // heads, device=device, dtype=dtype, requires_grad=True)
@@ -119,7 +130,7 @@ def bench_layer(
         # T/L queries against T/L keys scaled by L queries per chunk: the same FLOPs as T
         # queries against T/L keys with the causal half. Forward times give the prefill floor.
         rows.append({"T": length, "batch": batch, "variant": "floor_chunk_attention",
-                     "fwd_bwd_ms": _time(summaries) * chunk_size,
+                     "fwd_bwd_ms": _time(summaries, grad_to_none=[q]) * chunk_size,
                      "fwd_ms": _time(summaries_forward) * chunk_size})  # fmt: skip
         del x, q, w_in, w_out, variants, rat, attention
         torch.cuda.empty_cache()

@@ -81,6 +81,9 @@ def profile_layer(
     grad = torch.randn_like(x)
 
     def step() -> None:
+        # As in ``bench layer``: each backward writes the gradients (no add into the last step's).
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
         layer(x).backward(grad)
 
     return [{"T": seq_len, **row} for row in profile_kernels(step, iterations)]

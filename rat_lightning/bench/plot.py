@@ -15,18 +15,23 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 # The kernels issue's H100 reference points (fwd+bwd ms at 262,144 tokens per step).
 FLOOR = {4096: 47, 16384: 53, 65536: 72, 131072: 101}
+TARGET = {4096: 52, 16384: 58, 65536: 80, 131072: 112}
 PAPER_CODE = {4096: 153, 16384: 161, 65536: 190, 131072: 227}
 
 
 def plot_layer(path: str, out: str) -> None:
-    """Forward+backward ms against T for each variant, with the floor and the paper's code."""
+    """Forward+backward ms against T for each variant, with the target, the floor and the paper's code."""
     rows = json.load(open(path))
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for variant in ("rat", "attention_sdpa", "rat_reference_compiled"):
-        points = sorted((r["T"], r["fwd_bwd_ms"]) for r in rows if r["variant"] == variant and r["fwd_bwd_ms"] == r["fwd_bwd_ms"])
+        # NaN (out of memory) never equals itself: those points are left out.
+        timed = [r for r in rows if r["variant"] == variant and r["fwd_bwd_ms"] == r["fwd_bwd_ms"]]
+        points = sorted((r["T"], r["fwd_bwd_ms"]) for r in timed)
         if points:
             ax.plot(*zip(*points), marker="o", label=f"{variant} (ours, measured)")
-    for name, table, style in (("floor (issue 6)", FLOOR, "k--"), ("paper's RAT code (issue 6)", PAPER_CODE, "k:")):
+    references = (("target (issue 6)", TARGET, "r-."), ("floor (issue 6)", FLOOR, "k--"),
+                  ("paper's RAT code (issue 6)", PAPER_CODE, "k:"))
+    for name, table, style in references:
         ax.plot(list(table), list(table.values()), style, label=name)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
