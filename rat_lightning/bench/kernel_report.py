@@ -19,15 +19,15 @@ import subprocess
 import sys
 import tempfile
 
-_FP32_POINTERS = ("lse", "delta", "p_cos", "p_sin", "lse_lib", "own_c", "own_p")
+_FP32_POINTERS = ("lse", "delta", "p_cos", "p_sin", "lse_lib", "own_c", "own_p", "dq_own")
 _FLOAT_SCALARS = ("scale", "qk_scale")
 _INT_SCALARS = ("T", "C", "L", "ROWS", "NJ", "NJ_SRC")
 
 
 def _signature(arg_names: list[str], constexprs: dict) -> dict[str, str]:
     """Triton types of a chunk-attention kernel's arguments: bf16 tensors, fp32 statistics (and,
-    in the factored dq kernel, the fp32 factors it writes in place of dk, dv)."""
-    fp32 = _FP32_POINTERS + (("dk", "dv") if constexprs.get("FACTORED") and "dq" in arg_names else ())
+    in the factored rows kernel, the fp32 factors it writes in place of dk, dv)."""
+    fp32 = _FP32_POINTERS + (("dk", "dv") if constexprs.get("FACTORED") and "dy" in arg_names else ())
     types = {}
     for name in arg_names:
         if name in constexprs:
@@ -120,12 +120,13 @@ def compile_summary_moves() -> list[tuple[str, str]]:
 
 
 def compile_kernels() -> list[tuple[str, str]]:
-    """``(kernel and tiles, ptxas report)`` for the fwd, dq and dkv kernels at every bf16 config."""
+    """``(kernel and tiles, ptxas report)`` for the fwd, rows, dq and dkv kernels at every bf16 config."""
     from rat_lightning.ops.chunk_attention import triton as kernels
 
     base = {"H": 16, "HPG": 8, "P": 128, "BLOCK_P": 128, "BLOCK_PH": 64, "DOT_PRECISION": "ieee", "EMULATE": False}
     launches = {
         "fwd": kernels.chunk_attention_fwd_kernel,
+        "rows": kernels.chunk_attention_bwd_kernel_rows,
         "dq": kernels.chunk_attention_bwd_kernel_dq,
         "dkv": kernels.chunk_attention_bwd_kernel_dkv,
     }
@@ -139,6 +140,7 @@ def compile_kernels() -> list[tuple[str, str]]:
         factored_forms = (True, False) if "FACTORED" in kernel.arg_names else (None,)
         for factored in factored_forms:
             constexprs = {**base, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n}
+            constexprs = {key: value for key, value in constexprs.items() if key in kernel.arg_names}
             if "GATED" in kernel.arg_names:
                 constexprs["GATED"] = True
             if factored is not None:

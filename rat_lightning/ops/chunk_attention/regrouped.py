@@ -37,6 +37,7 @@ from rat_lightning.ops.chunk_attention.triton import (
     _rotate,
     _rotate_back,
     _sigmoid,
+    _store_halves,
     _tables,
     move_summaries,
 )
@@ -66,15 +67,6 @@ def _chunk_rope(p_cos, p_sin, i_c, o_ph, m_ph, P_HALF: tl.constexpr):
     """cos, sin (1, BLOCK_PH) of chunk index ``i_c``."""
     b_cos = tl.load(p_cos + i_c * P_HALF + o_ph, mask=m_ph, other=0.0)[None, :]
     return b_cos, tl.load(p_sin + i_c * P_HALF + o_ph, mask=m_ph, other=0.0)[None, :]
-
-
-@triton.jit
-def _store_halves(p_x, o_row, m_row, o_ph, m_ph, b_x1, b_x2, P_HALF: tl.constexpr, EMULATE: tl.constexpr):
-    """Store fp32 halves (rows, BLOCK_PH) into rows ``o_row`` (element offsets) of x, in x's dtype."""
-    p_x1 = p_x + o_row[:, None] + o_ph[None, :]
-    m_x = m_row[:, None] & m_ph[None, :]
-    tl.store(p_x1, to_store(b_x1, p_x.dtype.element_ty, EMULATE), mask=m_x)
-    tl.store(p_x1 + P_HALF, to_store(b_x2, p_x.dtype.element_ty, EMULATE), mask=m_x)
 
 
 @triton.jit

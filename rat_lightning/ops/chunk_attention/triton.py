@@ -17,15 +17,19 @@ Kernels (tiles in :data:`CONFIGS`):
   term, so the running max is finite from the start, then loops over tiles of block_n summaries:
   tiles below the tile's first chunk need no mask, the last one or two get the mask j < c(t).
   Writes y (gated o) and the log2-domain log-sum-exp per (b, h, t).
-- ``chunk_attention_bwd_kernel_dq``: grid (query tiles, B * H). Per block_m queries of a head:
-  dO (stored when gated), delta, dz, the own-state gradients dk_t, dv_t of every row (or, for
-  the fused RAT op, their factors c_t, p_t in dk_t = c_t q_t, dv_t = p_t dO_t), the head's dq (a
-  group's heads are summed after the kernel) and, from a group's first head, the rotated queries
-  for the next kernel.
+- ``chunk_attention_bwd_kernel_rows``: grid (query tiles, B * G), no dots. Per block_m queries
+  of a query group, its heads in turn: dO (stored when gated), delta, dz, the own-state gradients
+  dk_t, dv_t of every row (or, for the fused RAT op, their factors c_t, p_t in dk_t = c_t q_t,
+  dv_t = p_t dO_t), the own part of the group's dq (sum over its heads of c_t k_t) and the rotated
+  queries. A memory-bound pass over about 7 rows of P per token and head, apart from the dq loop
+  so that its loads run at up to 4 programs per SM instead of the loop's 2.
+- ``chunk_attention_bwd_kernel_dq``: grid (query tiles, B * G). Per block_m queries of a group:
+  its heads in turn, each a loop over summary tiles, dq summed in registers in the rotated frame,
+  rotated back once and added to the own part: no per-head dq in memory, no sum after.
 - ``chunk_attention_bwd_kernel_dkv``: grid (summary tiles, B * H). Per block_n summaries: loops
   over the query tiles that see them, accumulates dK_j, dV_j on top of the own-state gradients
   of rows jL + L - 1 and overwrites those rows of dk, dv (factored: the summary terms alone, into
-  (B, C, H, P)). It runs after the dq kernel on the same stream, so neither atomics nor a
+  (B, C, H, P)). It runs after the rows pass on the same stream, so neither atomics nor a
   scatter are needed.
 - ``move_summaries_kernel``: the rotated summaries, once per call (below); the cuDNN path
   (:mod:`.regrouped`) moves its summaries and their gradients with it too.
@@ -68,7 +72,8 @@ class KernelConfig(NamedTuple):
     """Launch configuration of one kernel: tile sizes (powers of two) and launch options.
 
     block_m: queries per tile; block_n: summaries per tile (the fwd and dq kernels loop over
-    summary tiles for a query tile, the dkv kernel over query tiles for a summary tile).
+    summary tiles for a query tile, the dkv kernel over query tiles for a summary tile; the rows
+    pass has no summary tiles: 0).
     """
 
     block_m: int
@@ -81,33 +86,39 @@ class KernelConfig(NamedTuple):
 # warps along its rows, so the dq kernel wants block_m >= 16 * num_warps and the dkv kernel
 # block_n >= 16 * num_warps. Tiles from the H100 sweeps of ``bench/tune_chunk_attention.py``
 # (docs/benchmarks/chunk_attention_tiles_h100.json): small tiles win while a query sees few
-# summaries (T = 4K, 16K), large ones from about 2K chunks on ("_long"). TMA loads (Hopper's
+# summaries, large ones from :data:`LONG_CHUNKS` on ("_long"); the dq kernel's, which loops
+# over a group's heads, from docs/benchmarks/chunk_attention_rows_h100.json. TMA loads (Hopper's
 # bulk copies through descriptors, an option until 2026-11-23) lost 5-15% in the forward, tied
 # in dq, and in the factored dkv kernel lost 1.5% at 128K and tied at 64K
 # (docs/benchmarks/chunk_attention_tma_h100.json, dkv_tma_ab_h100.json), so they were removed;
 # from 2K chunks on the RAT layer runs the attention through cuDNN anyway. With the JIT's
 # alignment the bf16 tiles use at most 255 registers and spill at most 216 bytes (``bench
 # kernel_report``). fp32 is the accuracy path: its IEEE dots run on FMA units, least spilled
-# with small tiles.
+# with small tiles. The rows pass is memory-bound: 16 rows at 4 warps keep it at 128 registers
+# (4 programs per SM); 64 rows at 8 warps took 255 and ran 0.6 ms slower at 262,144 tokens.
 CONFIGS = {
     "fwd": KernelConfig(64, 32, 4, 2),
     "fwd_long": KernelConfig(128, 128, 8, 3),
+    "rows": KernelConfig(16, 0, 4, 1),
     "dq": KernelConfig(64, 32, 4, 3),
     "dq_long": KernelConfig(128, 64, 8, 3),
     "dkv": KernelConfig(64, 128, 8, 3),
     "dkv_long": KernelConfig(64, 128, 8, 3),
     "fwd_fp32": KernelConfig(64, 32, 4, 1),
+    "rows_fp32": KernelConfig(16, 0, 4, 1),
     "dq_fp32": KernelConfig(32, 32, 4, 1),
     "dkv_fp32": KernelConfig(32, 64, 8, 1),
 }
-# Chunk count (T / L) from which the "_long" tiles are used.
-LONG_CHUNKS = 2048
+# Per kernel, the chunk count (T / L) from which its "_long" tiles are used (none for the rows pass).
+LONG_CHUNKS = {"fwd": 2048, "dq": 1024, "dkv": 2048}
 
 
 def _config(kernel: str, dtype: torch.dtype, chunks: int) -> KernelConfig:
+    """The default tiles of ``kernel`` ("fwd", "rows", "dq" or "dkv") for this dtype and chunk count."""
     if dtype == torch.float32:
         return CONFIGS[f"{kernel}_fp32"]
-    return CONFIGS[f"{kernel}_long" if chunks >= LONG_CHUNKS else kernel]
+    long = kernel in LONG_CHUNKS and chunks >= LONG_CHUNKS[kernel]
+    return CONFIGS[f"{kernel}_long" if long else kernel]
 
 
 @triton.jit
@@ -124,6 +135,15 @@ def _load_halves(
         m_x = m_row[:, None] & m_ph[None, :]
     b_x1 = tl.load(p_x1, mask=m_x, other=0.0, cache_modifier=CACHE)
     return b_x1, tl.load(p_x1 + P_HALF, mask=m_x, other=0.0, cache_modifier=CACHE)
+
+
+@triton.jit
+def _store_halves(p_x, o_row, m_row, o_ph, m_ph, b_x1, b_x2, P_HALF: tl.constexpr, EMULATE: tl.constexpr):
+    """Store fp32 halves (rows, BLOCK_PH) into rows ``o_row`` (element offsets) of x, in x's dtype."""
+    p_x1 = p_x + o_row[:, None] + o_ph[None, :]
+    m_x = m_row[:, None] & m_ph[None, :]
+    tl.store(p_x1, to_store(b_x1, p_x.dtype.element_ty, EMULATE), mask=m_x)
+    tl.store(p_x1 + P_HALF, to_store(b_x2, p_x.dtype.element_ty, EMULATE), mask=m_x)
 
 
 @triton.jit
@@ -351,12 +371,11 @@ def chunk_attention_fwd_kernel(
 
 
 @triton.jit
-def _dq_prologue_half(dy, y, z, k, v, q, do, dz, o_row, o_zrow, o_dzrow, o_qrow, o_col, m, GATED: tl.constexpr,
-                      EMULATE: tl.constexpr, DTYPE: tl.constexpr):
-    """The query-side prologue over columns ``o_col`` (one half of P) of its rows; mask m (rows, cols).
+def _rows_half(dy, y, z, k, v, do, dz, o_row, o_zrow, o_dzrow, o_col, m, GATED: tl.constexpr, EMULATE: tl.constexpr):
+    """One head's query-side rows over columns ``o_col`` (one half of P); mask m (rows, cols).
 
-    Stores dO = dy * sigmoid(z) and dz = dy * y * sigmoid(-z) when GATED. Returns dO as a dot
-    operand of DTYPE and the fp32 partial rowsums of dy * y (delta), dO * v and q * k.
+    Stores dO = dy * sigmoid(z) and dz = dy * y * sigmoid(-z) when GATED. Returns fp32 dO, k and
+    the partial rowsums of dy * y (delta) and dO * v.
     """
     b_dy = tl.load(dy + o_row[:, None] + o_col[None, :], mask=m, other=0.0).to(tl.float32)
     b_y = tl.load(y + o_row[:, None] + o_col[None, :], mask=m, other=0.0).to(tl.float32)
@@ -370,10 +389,8 @@ def _dq_prologue_half(dy, y, z, k, v, q, do, dz, o_row, o_zrow, o_dzrow, o_qrow,
     else:
         b_do = b_dy
     b_v = tl.load(v + o_row[:, None] + o_col[None, :], mask=m, other=0.0).to(tl.float32)
-    b_dov = tl.sum(b_do * b_v, 1)
-    b_q = tl.load(q + o_qrow[:, None] + o_col[None, :], mask=m, other=0.0).to(tl.float32)
     b_k = tl.load(k + o_row[:, None] + o_col[None, :], mask=m, other=0.0).to(tl.float32)
-    return to_dot(b_do, DTYPE, EMULATE), b_delta, b_dov, tl.sum(b_q * b_k, 1)
+    return b_do, b_k, b_delta, tl.sum(b_do * b_v, 1)
 
 
 @triton.jit
@@ -430,11 +447,10 @@ def _bwd_dq_inner(
 
 
 @triton.jit
-def chunk_attention_bwd_kernel_dq(
+def chunk_attention_bwd_kernel_rows(
     q,
     k,
     v,
-    kr,
     z,
     y,
     dy,
@@ -442,21 +458,18 @@ def chunk_attention_bwd_kernel_dq(
     delta,
     qr,
     do,
-    dq,
+    dq_own,
     dk,
     dv,
     dz,
     p_cos,
     p_sin,
     T,
-    C,
     L,
     stride_qb,
     stride_qt,
     stride_zb,
     stride_zt,
-    stride_dqb,
-    stride_dqt,
     stride_dzb,
     stride_dzt,
     scale,
@@ -465,108 +478,150 @@ def chunk_attention_bwd_kernel_dq(
     HPG: tl.constexpr,
     P: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_P: tl.constexpr,
     BLOCK_PH: tl.constexpr,
     GATED: tl.constexpr,
     FACTORED: tl.constexpr,
+    EMULATE: tl.constexpr,
+):
+    """Backward, query side, row by row (no dots): per block_m queries of a group, its heads in turn.
+
+    Grid: (cdiv(T, BLOCK_M), B * G). Per head: dO = dy * sigmoid(z) (dy if not GATED), stored in
+    ``do`` when GATED; delta = rowsum(dO * O) = rowsum(dy * y) (B, H, T) fp32; dz = dy * y *
+    sigmoid(-z); the own-state gradients dk_t, dv_t of every row (rows jL + L - 1 are overwritten
+    afterwards by ``chunk_attention_bwd_kernel_dkv``), or with FACTORED their factors, c_t and p_t
+    in dk_t = c_t q_t, dv_t = p_t dO_t, into ``dk``, ``dv`` (B, T, H) fp32. Per group: the own-state
+    part of dq, sum over its heads of c_t k_t, into ``dq_own`` (B, T, G, P) fp32, and the rotated
+    queries qr (B, T, G, P) in q's dtype. q, z, dz take batch / time strides; the rest is contiguous.
+    A memory-bound pass: it runs apart from the dq loop so that its loads are not limited to the
+    few programs per SM that the loop's registers allow.
+    """
+    i_m, i_bg = tl.program_id(0), tl.program_id(1)
+    G = H // HPG
+    i_b, i_g = i_bg // G, i_bg % G
+    o_t = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_t = o_t < T
+    o_ph = tl.arange(0, BLOCK_PH)
+    m_ph = col_mask(o_ph, P // 2, BLOCK_PH)
+    m_tph = m_t[:, None] & m_ph[None, :]
+    o_bt = i_b.to(tl.int64) * T
+    o_qrow = i_b.to(tl.int64) * stride_qb + o_t.to(tl.int64) * stride_qt + i_g * P
+    b_q1, b_q2 = _load_halves(q, o_qrow, m_t, o_ph, m_ph, P // 2, False, "")
+    b_q1, b_q2 = b_q1.to(tl.float32), b_q2.to(tl.float32)
+    b_dq1 = tl.zeros([BLOCK_M, BLOCK_PH], dtype=tl.float32)
+    b_dq2 = tl.zeros([BLOCK_M, BLOCK_PH], dtype=tl.float32)
+    for i_hg in range(HPG):
+        i_h = i_g * HPG + i_hg
+        o_row = ((o_bt + o_t) * H + i_h) * P
+        o_zrow = i_b.to(tl.int64) * stride_zb + o_t.to(tl.int64) * stride_zt + i_h * P
+        o_dzrow = i_b.to(tl.int64) * stride_dzb + o_t.to(tl.int64) * stride_dzt + i_h * P
+        b_do1, b_k1, b_delta, b_dov = _rows_half(
+            dy, y, z, k, v, do, dz, o_row, o_zrow, o_dzrow, o_ph, m_tph, GATED, EMULATE
+        )
+        b_do2, b_k2, b_delta2, b_dov2 = _rows_half(
+            dy, y, z, k, v, do, dz, o_row, o_zrow, o_dzrow, o_ph + P // 2, m_tph, GATED, EMULATE
+        )
+        b_delta += b_delta2
+        o_lse = (i_b.to(tl.int64) * H + i_h) * T + o_t
+        tl.store(delta + o_lse, b_delta, mask=m_t)
+        b_lse = tl.load(lse + o_lse, mask=m_t, other=0.0)
+        b_qk = tl.sum(b_q1 * b_k1, 1) + tl.sum(b_q2 * b_k2, 1)
+        b_ds_own, b_p_own = _own_terms(b_qk, b_dov + b_dov2, b_lse, b_delta, qk_scale)
+        if FACTORED:
+            # dk_t = c_t q_t and dv_t = p_t dO_t: two numbers per row instead of two rows.
+            o_own = (o_bt + o_t) * H + i_h
+            tl.store(dk + o_own, b_ds_own * scale, mask=m_t)
+            tl.store(dv + o_own, b_p_own, mask=m_t)
+        else:
+            _store_halves(dk, o_row, m_t, o_ph, m_ph, b_ds_own[:, None] * b_q1 * scale,
+                          b_ds_own[:, None] * b_q2 * scale, P // 2, EMULATE)  # fmt: skip
+            _store_halves(dv, o_row, m_t, o_ph, m_ph, b_p_own[:, None] * b_do1, b_p_own[:, None] * b_do2,
+                          P // 2, EMULATE)  # fmt: skip
+        b_dq1 += b_ds_own[:, None] * b_k1
+        b_dq2 += b_ds_own[:, None] * b_k2
+    o_grow = ((o_bt + o_t) * G + i_g) * P
+    _store_halves(dq_own, o_grow, m_t, o_ph, m_ph, b_dq1 * scale, b_dq2 * scale, P // 2, EMULATE)
+    b_cos, b_sin = _load_rope(p_cos, p_sin, o_t // L, m_t, o_ph, m_ph, P // 2, "")
+    b_qr1, b_qr2 = _rotate(b_q1, b_q2, b_cos, b_sin)
+    _store_halves(qr, o_grow, m_t, o_ph, m_ph, b_qr1, b_qr2, P // 2, EMULATE)
+
+
+@triton.jit
+def chunk_attention_bwd_kernel_dq(
+    kr,
+    v,
+    qr,
+    do,
+    lse,
+    delta,
+    dq_own,
+    dq,
+    p_cos,
+    p_sin,
+    T,
+    C,
+    L,
+    stride_dqb,
+    stride_dqt,
+    scale,
+    qk_scale,
+    H: tl.constexpr,
+    HPG: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_PH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     EMULATE: tl.constexpr,
 ):
-    """Backward, query side, per head: the gate's and the own state's gradients and the head's dq.
+    """Backward, query side: dq of block_m queries of a group, summed over its heads in registers.
 
-    Grid: (cdiv(T, BLOCK_M), B * H). dO = dy * sigmoid(z) (dy if not GATED), stored in ``do`` when
-    GATED; delta = rowsum(dO * O) = rowsum(dy * y) (B, H, T) fp32; dz = dy * y * sigmoid(-z); the
-    own-state gradients dk_t, dv_t of every row (rows jL + L - 1 are overwritten afterwards by
-    ``chunk_attention_bwd_kernel_dkv`` with own-state plus summary gradients), or with FACTORED
-    their factors, c_t and p_t in dk_t = c_t q_t, dv_t = p_t dO_t, into ``dk``, ``dv`` (B, T, H)
-    fp32; this head's dq
-    (``dq`` (B, T, H, P): the caller sums a group's heads when H / G > 1); and, from the first head
-    of each group, the rotated queries qr (B, T, G, P) in q's dtype for that kernel. q, z, dq, dz
-    take batch / time strides (dq's head stride is P); the rest is contiguous.
+    Grid: (cdiv(T, BLOCK_M), B * G). dq (B, T, G, P) in qr's dtype = scale * (its heads' dS @ K
+    rotated back) + dq_own, from the rotated queries qr, dO (``do``), delta and dq_own of
+    ``chunk_attention_bwd_kernel_rows``; dq takes batch / time strides (a slice of a fused
+    projection's gradient), the rest is contiguous.
     """
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
+    i_m, i_bg = tl.program_id(0), tl.program_id(1)
     G = H // HPG
-    i_g = i_h // HPG
-    DTYPE = q.dtype.element_ty
+    i_b, i_g = i_bg // G, i_bg % G
+    DTYPE = qr.dtype.element_ty
     o_t = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_t = o_t < T
     o_ph = tl.arange(0, BLOCK_PH)
     m_ph = col_mask(o_ph, P // 2, BLOCK_PH)
     o_bt = i_b.to(tl.int64) * T
-    o_row = ((o_bt + o_t) * H + i_h) * P
-    o_qrow = i_b.to(tl.int64) * stride_qb + o_t.to(tl.int64) * stride_qt + i_g * P
-    m_tph = m_t[:, None] & m_ph[None, :]
-    o_lse = i_bh.to(tl.int64) * T + o_t
-
-    # The elementwise part runs over the two halves of P in turn: with every row tile of both
-    # halves live at once (dy, y, z, dO, q, k, v) the kernel needed 255 registers and spilled.
-    o_zrow = i_b.to(tl.int64) * stride_zb + o_t.to(tl.int64) * stride_zt + i_h * P
-    o_dzrow = i_b.to(tl.int64) * stride_dzb + o_t.to(tl.int64) * stride_dzt + i_h * P
-    b_do1, b_delta, b_dov, b_qk = _dq_prologue_half(
-        dy, y, z, k, v, q, do, dz, o_row, o_zrow, o_dzrow, o_qrow, o_ph, m_tph, GATED, EMULATE, DTYPE
-    )
-    b_do2, b_delta2, b_dov2, b_qk2 = _dq_prologue_half(
-        dy, y, z, k, v, q, do, dz, o_row, o_zrow, o_dzrow, o_qrow, o_ph + P // 2, m_tph, GATED, EMULATE, DTYPE
-    )
-    b_delta += b_delta2
-    tl.store(delta + o_lse, b_delta, mask=m_t)
-    b_lse = tl.load(lse + o_lse, mask=m_t, other=0.0)
-    b_ds_own, b_p_own = _own_terms(b_qk + b_qk2, b_dov + b_dov2, b_lse, b_delta, qk_scale)
-
-    # Reloads (L1 / L2 hits) under another cache modifier, so the compiler keeps them apart from
-    # the prologue's loads instead of holding those tiles live.
-    o_c = o_t // L
-    b_cos, b_sin = _load_rope(p_cos, p_sin, o_c, m_t, o_ph, m_ph, P // 2, "")
-    b_q1, b_q2 = _load_halves(q, o_qrow, m_t, o_ph, m_ph, P // 2, False, ".ca")
-    b_q1, b_q2 = b_q1.to(tl.float32), b_q2.to(tl.float32)
-    if FACTORED:
-        # dk_t = c_t q_t and dv_t = p_t dO_t: two numbers per row instead of two rows.
-        o_own = (o_bt + o_t) * H + i_h
-        tl.store(dk + o_own, b_ds_own * scale, mask=m_t)
-        tl.store(dv + o_own, b_p_own, mask=m_t)
-    else:
-        p_dk1 = dk + o_row[:, None] + o_ph[None, :]
-        b_dk1, b_dk2 = b_ds_own[:, None] * b_q1 * scale, b_ds_own[:, None] * b_q2 * scale
-        tl.store(p_dk1, to_store(b_dk1, dk.dtype.element_ty, EMULATE), mask=m_tph)
-        tl.store(p_dk1 + P // 2, to_store(b_dk2, dk.dtype.element_ty, EMULATE), mask=m_tph)
-        p_dv1 = dv + o_row[:, None] + o_ph[None, :]
-        b_dv1, b_dv2 = b_p_own[:, None] * b_do1.to(tl.float32), b_p_own[:, None] * b_do2.to(tl.float32)
-        tl.store(p_dv1, to_store(b_dv1, dv.dtype.element_ty, EMULATE), mask=m_tph)
-        tl.store(p_dv1 + P // 2, to_store(b_dv2, dv.dtype.element_ty, EMULATE), mask=m_tph)
-
-    b_qr1, b_qr2 = _rotate(b_q1, b_q2, b_cos, b_sin)
+    o_grow = ((o_bt + o_t) * G + i_g) * P
+    b_qr1, b_qr2 = _load_halves(qr, o_grow, m_t, o_ph, m_ph, P // 2, False, "")
     b_qr1 = to_dot(b_qr1, DTYPE, EMULATE)
     b_qr2 = to_dot(b_qr2, DTYPE, EMULATE)
-    if i_h % HPG == 0:
-        p_qr1 = qr + ((o_bt + o_t) * G + i_g)[:, None] * P + o_ph[None, :]
-        tl.store(p_qr1, to_store(b_qr1, qr.dtype.element_ty, EMULATE), mask=m_tph)
-        tl.store(p_qr1 + P // 2, to_store(b_qr2, qr.dtype.element_ty, EMULATE), mask=m_tph)
-    # The own term dS_own * k joins the accumulator in the rotated frame (rotated forward here,
-    # back with the rest after the loop), so k, cos and sin need not stay live across the loop.
-    b_k1, b_k2 = _load_halves(k, o_row, m_t, o_ph, m_ph, P // 2, False, ".ca")
-    b_dqr1, b_dqr2 = _rotate(b_ds_own[:, None] * b_k1.to(tl.float32), b_ds_own[:, None] * b_k2.to(tl.float32),
-                             b_cos, b_sin)  # fmt: skip
-
+    o_c = o_t // L
     c_first = (i_m * BLOCK_M) // L
     n_keys = tl.minimum((tl.minimum(i_m * BLOCK_M + BLOCK_M, T) - 1) // L, C)
     j_mid = (c_first // BLOCK_N) * BLOCK_N
-    kr_h, v_h = _summary_columns(kr, v, i_b, i_h, C, H, P)
-    b_dqr1, b_dqr2 = _bwd_dq_inner(
-        b_dqr1, b_dqr2, b_qr1, b_qr2, b_do1, b_do2, b_lse, b_delta, o_c, kr_h, v_h, o_bt, 0, j_mid, n_keys,
-        L, qk_scale, H, P, BLOCK_N, BLOCK_PH, False, DOT_PRECISION, EMULATE, DTYPE,
-    )  # fmt: skip
-    b_dqr1, b_dqr2 = _bwd_dq_inner(
-        b_dqr1, b_dqr2, b_qr1, b_qr2, b_do1, b_do2, b_lse, b_delta, o_c, kr_h, v_h, o_bt, j_mid, n_keys, n_keys,
-        L, qk_scale, H, P, BLOCK_N, BLOCK_PH, True, DOT_PRECISION, EMULATE, DTYPE,
-    )  # fmt: skip
-    b_cos, b_sin = _load_rope(p_cos, p_sin, o_c, m_t, o_ph, m_ph, P // 2, ".cg")
+    b_dqr1 = tl.zeros([BLOCK_M, BLOCK_PH], dtype=tl.float32)
+    b_dqr2 = tl.zeros([BLOCK_M, BLOCK_PH], dtype=tl.float32)
+    # One head after the other: the group's dq stays in registers, rotated back once at the end.
+    for i_hg in range(HPG):
+        i_h = i_g * HPG + i_hg
+        b_do1, b_do2 = _load_halves(do, ((o_bt + o_t) * H + i_h) * P, m_t, o_ph, m_ph, P // 2, False, "")
+        b_do1 = to_dot(b_do1, DTYPE, EMULATE)
+        b_do2 = to_dot(b_do2, DTYPE, EMULATE)
+        o_lse = (i_b.to(tl.int64) * H + i_h) * T + o_t
+        b_lse = tl.load(lse + o_lse, mask=m_t, other=0.0)
+        b_delta = tl.load(delta + o_lse, mask=m_t, other=0.0)
+        kr_h, v_h = _summary_columns(kr, v, i_b, i_h, C, H, P)
+        b_dqr1, b_dqr2 = _bwd_dq_inner(
+            b_dqr1, b_dqr2, b_qr1, b_qr2, b_do1, b_do2, b_lse, b_delta, o_c, kr_h, v_h, o_bt, 0, j_mid, n_keys,
+            L, qk_scale, H, P, BLOCK_N, BLOCK_PH, False, DOT_PRECISION, EMULATE, DTYPE,
+        )  # fmt: skip
+        b_dqr1, b_dqr2 = _bwd_dq_inner(
+            b_dqr1, b_dqr2, b_qr1, b_qr2, b_do1, b_do2, b_lse, b_delta, o_c, kr_h, v_h, o_bt, j_mid, n_keys, n_keys,
+            L, qk_scale, H, P, BLOCK_N, BLOCK_PH, True, DOT_PRECISION, EMULATE, DTYPE,
+        )  # fmt: skip
+    b_cos, b_sin = _load_rope(p_cos, p_sin, o_c, m_t, o_ph, m_ph, P // 2, "")
     b_dq1, b_dq2 = _rotate_back(b_dqr1, b_dqr2, b_cos, b_sin)
-    o_dqrow = i_b.to(tl.int64) * stride_dqb + o_t.to(tl.int64) * stride_dqt + i_h * P
-    p_dq1 = dq + o_dqrow[:, None] + o_ph[None, :]
-    tl.store(p_dq1, to_store(b_dq1 * scale, dq.dtype.element_ty, EMULATE), mask=m_tph)
-    tl.store(p_dq1 + P // 2, to_store(b_dq2 * scale, dq.dtype.element_ty, EMULATE), mask=m_tph)
+    b_own1, b_own2 = _load_halves(dq_own, o_grow, m_t, o_ph, m_ph, P // 2, False, "")
+    o_dqrow = i_b.to(tl.int64) * stride_dqb + o_t.to(tl.int64) * stride_dqt + i_g * P
+    _store_halves(dq, o_dqrow, m_t, o_ph, m_ph, b_dq1 * scale + b_own1, b_dq2 * scale + b_own2, P // 2, EMULATE)
 
 
 @triton.jit
@@ -672,7 +727,7 @@ def chunk_attention_bwd_kernel_dkv(
     gradients; with FACTORED the summary gradients alone, into dk, dv (B, C, H, P).
 
     Grid: (cdiv(C, BLOCK_N), B * H); needs delta, qr and dO (``do``: dy when ungated) from
-    ``chunk_attention_bwd_kernel_dq``.
+    ``chunk_attention_bwd_kernel_rows``.
     """
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -694,7 +749,7 @@ def chunk_attention_bwd_kernel_dkv(
 
     b_v = tl.load(v + o_krow[:, None] + o_p[None, :], mask=m_jp, other=0.0)
     if FACTORED:
-        # The own-state terms stay with the rows (as factors, from the dq kernel).
+        # The own-state terms stay with the rows (as factors, from the rows pass).
         b_dv = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
         b_dkr1 = tl.zeros([BLOCK_N, BLOCK_PH], dtype=tl.float32)
         b_dkr2 = tl.zeros([BLOCK_N, BLOCK_PH], dtype=tl.float32)
@@ -854,6 +909,11 @@ def _launch_options(q: torch.Tensor, k: torch.Tensor) -> dict:
     }
 
 
+def _options_of(kernel: triton.JITFunction, options: dict) -> dict:
+    """The :func:`_launch_options` that ``kernel`` takes."""
+    return {name: value for name, value in options.items() if name in kernel.arg_names}
+
+
 def chunk_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -917,7 +977,7 @@ def _launch_bwd(
     config_dkv: KernelConfig | None,
     factored: bool,
 ) -> tuple[torch.Tensor, ...]:
-    """The two backward kernels; ``(dq, dk, dv, dz, do, own_c, own_p)``.
+    """The three backward kernels (rows, dq, dkv); ``(dq, dk, dv, dz, do, own_c, own_p)``.
 
     dk, dv: ``(B, T, H, P)`` full gradients, or with ``factored`` the summary gradients alone
     ``(B, C, H, P)``, the own-state terms given by the factors own_c, own_p ``(B, T, H)`` fp32 (else
@@ -937,31 +997,35 @@ def _launch_bwd(
     else:
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         own_c = own_p = None
-    # Written by the dq kernel for the dkv kernel: delta = rowsum(dO * O), the rotated queries
-    # and, with a gate, dO = dy * sigmoid(gate).
+    # Written by the rows pass for the dq and dkv kernels: delta = rowsum(dO * O), the rotated
+    # queries, the own part of dq and, with a gate, dO = dy * sigmoid(gate).
     do = torch.empty_like(dy) if gate is not None else dy
     if k.numel() == 0:
         return dq, dk, dv, dz, do, own_c, own_p
+    config_rows = _config("rows", q.dtype, chunks)
     config_dq = config_dq or _config("dq", q.dtype, chunks)
     config_dkv = config_dkv or _config("dkv", q.dtype, chunks)
+    groups = q.shape[2]
     delta, qr = torch.empty_like(lse), torch.empty_like(q, memory_format=torch.contiguous_format)
+    dq_own = torch.empty(q.shape, device=q.device, dtype=torch.float32)
     options = _launch_options(q, k)
     cos, sin = _tables(length, chunk_size, head_dim, rope_base, q.device)
     kr = _rotated_summaries(k, chunk_size, cos, sin, options)
-    # Each head writes its own dq; a group's heads are summed after the kernel (a loop over the
-    # group's heads inside one program measured 2.5x slower at T = 4K: its live tiles spilled).
-    dq_heads = dq if q.shape[2] == heads else torch.empty_like(k, dtype=q.dtype)
-    grid = (triton.cdiv(length, config_dq.block_m), batch * heads)
-    chunk_attention_bwd_kernel_dq[grid](
-        q, k, v, kr, z, y, dy, lse, delta, qr, do, dq_heads, own_c if factored else dk, own_p if factored else dv,
-        dz, cos, sin, length, chunks, chunk_size,
-        q.stride(0), q.stride(1), z.stride(0), z.stride(1), dq_heads.stride(0), dq_heads.stride(1), dz.stride(0),
-        dz.stride(1), scale, scale * _LOG2E, BLOCK_M=config_dq.block_m, BLOCK_N=config_dq.block_n,
-        GATED=gate is not None, FACTORED=factored, num_warps=config_dq.num_warps, num_stages=config_dq.num_stages,
-        **options,
+    grid = (triton.cdiv(length, config_rows.block_m), batch * groups)
+    chunk_attention_bwd_kernel_rows[grid](
+        q, k, v, z, y, dy, lse, delta, qr, do, dq_own, own_c if factored else dk, own_p if factored else dv, dz,
+        cos, sin, length, chunk_size, q.stride(0), q.stride(1), z.stride(0), z.stride(1), dz.stride(0), dz.stride(1),
+        scale, scale * _LOG2E, BLOCK_M=config_rows.block_m, GATED=gate is not None, FACTORED=factored,
+        num_warps=config_rows.num_warps, num_stages=config_rows.num_stages,
+        **_options_of(chunk_attention_bwd_kernel_rows, options),
     )  # fmt: skip
-    if dq_heads is not dq:
-        torch.sum(dq_heads.unflatten(2, (q.shape[2], -1)), dim=3, out=dq)
+    grid = (triton.cdiv(length, config_dq.block_m), batch * groups)
+    chunk_attention_bwd_kernel_dq[grid](
+        kr, v, qr, do, lse, delta, dq_own, dq, cos, sin, length, chunks, chunk_size, dq.stride(0), dq.stride(1),
+        scale, scale * _LOG2E, BLOCK_M=config_dq.block_m, BLOCK_N=config_dq.block_n,
+        num_warps=config_dq.num_warps, num_stages=config_dq.num_stages,
+        **_options_of(chunk_attention_bwd_kernel_dq, options),
+    )  # fmt: skip
     if chunks:
         grid = (triton.cdiv(chunks, config_dkv.block_n), batch * heads)
         chunk_attention_bwd_kernel_dkv[grid](
@@ -989,7 +1053,7 @@ def chunk_attention_bwd(
     config_dq: KernelConfig | None = None,
     config_dkv: KernelConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Launch the two backward kernels (dq, gate and own-state terms, then the summaries).
+    """Launch the backward kernels (gate and own-state terms, dq, then the summaries).
 
     Args:
         dy: ``(B, T, H, P)`` upstream gradient of y.
