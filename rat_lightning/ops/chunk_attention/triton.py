@@ -95,7 +95,7 @@ class KernelConfig(NamedTuple):
 # alignment the bf16 tiles use at most 255 registers and spill at most 216 bytes (``bench
 # kernel_report``). fp32 is the accuracy path: its IEEE dots run on FMA units, least spilled
 # with small tiles. The rows pass is memory-bound: 16 rows at 4 warps keep it at 128 registers
-# (4 programs per SM); 64 rows at 8 warps took 255 and ran 0.6 ms slower at 262,144 tokens.
+# (4 programs per SM); 64 rows at 8 warps took 255 and ran 0.4-0.6 ms slower at 262,144 tokens.
 CONFIGS = {
     "fwd": KernelConfig(64, 32, 4, 2),
     "fwd_long": KernelConfig(128, 128, 8, 3),
