@@ -79,7 +79,7 @@ def regroup_queries_kernel(
     i_b, i_c, o_i, o_t, m_t = _chunk_rows(i_bc, C, L, T, BLOCK_L)
     o_ph = tl.arange(0, BLOCK_PH)
     m_ph = col_mask(o_ph, P // 2, BLOCK_PH)
-    b_q1, b_q2 = _load_halves(q + i_b * stride_qb + i_g * P, o_t * stride_qt, m_t, o_ph, m_ph, P // 2, False, "")
+    b_q1, b_q2 = _load_halves(q + i_b * stride_qb + i_g * P, o_t * stride_qt, m_t, o_ph, m_ph, P // 2, False)
     b_cos, b_sin = _chunk_rope(p_cos, p_sin, i_c, o_ph, m_ph, P // 2)
     b_r1, b_r2 = _rotate(b_q1.to(tl.float32), b_q2.to(tl.float32), b_cos, b_sin)
     for i_hh in tl.static_range(HPG):
@@ -149,7 +149,7 @@ def prepare_backward_kernel(
     o_p = tl.arange(0, BLOCK_P)
     m_p = col_mask(o_p, P, BLOCK_P)
     m = m_t[:, None] & m_p[None, :]
-    b_q1, b_q2 = _load_halves(q + i_b * stride_qb + i_g * P, o_t * stride_qt, m_t, o_ph, m_ph, P // 2, False, "")
+    b_q1, b_q2 = _load_halves(q + i_b * stride_qb + i_g * P, o_t * stride_qt, m_t, o_ph, m_ph, P // 2, False)
     b_q1, b_q2 = b_q1.to(tl.float32), b_q2.to(tl.float32)
     b_cos, b_sin = _chunk_rope(p_cos, p_sin, i_c, o_ph, m_ph, P // 2)
     b_r1, b_r2 = _rotate(b_q1, b_q2, b_cos, b_sin)
@@ -158,7 +158,7 @@ def prepare_backward_kernel(
     for i_hh in range(HPG):
         i_h = i_g * HPG + i_hh
         o_row = (i_b * T + o_t) * H + i_h
-        b_k1, b_k2 = _load_halves(sk, o_row * P, m_t, o_ph, m_ph, P // 2, False, "")
+        b_k1, b_k2 = _load_halves(sk, o_row * P, m_t, o_ph, m_ph, P // 2, False)
         b_k1, b_k2 = b_k1.to(tl.float32), b_k2.to(tl.float32)
         b_s = (tl.sum(b_q1 * b_k1, 1) + tl.sum(b_q2 * b_k2, 1)) * scale
         o_r = (i_h * L + o_i).to(tl.int64)
@@ -210,13 +210,13 @@ def add_query_grads_kernel(
     b_g2 = tl.zeros([BLOCK_L, BLOCK_PH], dtype=tl.float32)
     for i_hh in tl.static_range(HPG):
         o_r = ((i_g * HPG + i_hh) * L + o_i).to(tl.int64) * stride_lr + i_b * stride_lb + i_c * stride_lc
-        b_1, b_2 = _load_halves(dq_lib, o_r, m_t, o_ph, m_ph, P // 2, False, "")
+        b_1, b_2 = _load_halves(dq_lib, o_r, m_t, o_ph, m_ph, P // 2, False)
         b_g1 += b_1.to(tl.float32)
         b_g2 += b_2.to(tl.float32)
     b_cos, b_sin = _chunk_rope(p_cos, p_sin, i_c + 1, o_ph, m_ph, P // 2)
     b_g1, b_g2 = _rotate_back(b_g1, b_g2, b_cos, b_sin)
     p_dq = dq + i_b * stride_dqb + i_g * P
-    b_d1, b_d2 = _load_halves(p_dq, o_t * stride_dqt, m_t, o_ph, m_ph, P // 2, False, "")
+    b_d1, b_d2 = _load_halves(p_dq, o_t * stride_dqt, m_t, o_ph, m_ph, P // 2, False)
     b_g1 += b_d1.to(tl.float32)
     b_g2 += b_d2.to(tl.float32)
     _store_halves(p_dq, o_t * stride_dqt, m_t, o_ph, m_ph, b_g1, b_g2, P // 2, EMULATE)

@@ -122,19 +122,15 @@ def _config(kernel: str, dtype: torch.dtype, chunks: int) -> KernelConfig:
 
 
 @triton.jit
-def _load_halves(
-    p_x, o_row, m_row, o_ph, m_ph, P_HALF: tl.constexpr, TRANSPOSE: tl.constexpr, CACHE: tl.constexpr
-):
-    """Rows ``o_row`` (element offsets) of x as two halves, (rows, BLOCK_PH) or transposed; CACHE: a
-    cache modifier (a reload under another one is not merged with the first load)."""
+def _load_halves(p_x, o_row, m_row, o_ph, m_ph, P_HALF: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """Rows ``o_row`` (element offsets) of x as two halves, (rows, BLOCK_PH) or transposed."""
     if TRANSPOSE:
         p_x1 = p_x + o_row[None, :] + o_ph[:, None]
         m_x = m_row[None, :] & m_ph[:, None]
     else:
         p_x1 = p_x + o_row[:, None] + o_ph[None, :]
         m_x = m_row[:, None] & m_ph[None, :]
-    b_x1 = tl.load(p_x1, mask=m_x, other=0.0, cache_modifier=CACHE)
-    return b_x1, tl.load(p_x1 + P_HALF, mask=m_x, other=0.0, cache_modifier=CACHE)
+    return tl.load(p_x1, mask=m_x, other=0.0), tl.load(p_x1 + P_HALF, mask=m_x, other=0.0)
 
 
 @triton.jit
@@ -193,7 +189,7 @@ def _load_summary_keys(kr_h, o_j, m_j, H: tl.constexpr, P: tl.constexpr, BLOCK_P
     this (batch, head)'s column of kr (B, C, H, P)."""
     o_ph = tl.arange(0, BLOCK_PH)
     m_ph = col_mask(o_ph, P // 2, BLOCK_PH)
-    return _load_halves(kr_h, o_j.to(tl.int64) * H * P, m_j, o_ph, m_ph, P // 2, TRANSPOSE, "")
+    return _load_halves(kr_h, o_j.to(tl.int64) * H * P, m_j, o_ph, m_ph, P // 2, TRANSPOSE)
 
 
 @triton.jit
@@ -333,8 +329,8 @@ def chunk_attention_fwd_kernel(
     o_qrow = i_b.to(tl.int64) * stride_qb + o_t.to(tl.int64) * stride_qt + (i_h // HPG) * P
     m_tp = m_t[:, None] & m_p[None, :]
 
-    b_q1, b_q2 = _load_halves(q, o_qrow, m_t, o_ph, m_ph, P // 2, False, "")
-    b_k1, b_k2 = _load_halves(k, o_row, m_t, o_ph, m_ph, P // 2, False, "")
+    b_q1, b_q2 = _load_halves(q, o_qrow, m_t, o_ph, m_ph, P // 2, False)
+    b_k1, b_k2 = _load_halves(k, o_row, m_t, o_ph, m_ph, P // 2, False)
     b_q1, b_q2 = b_q1.to(tl.float32), b_q2.to(tl.float32)
     # Own state first: q_t . k_t unrotated (the equal rotations cancel), value v_t.
     b_m = (tl.sum(b_q1 * b_k1.to(tl.float32), 1) + tl.sum(b_q2 * b_k2.to(tl.float32), 1)) * qk_scale
@@ -437,7 +433,7 @@ def _bwd_dq_inner(
         if CAUSAL:
             b_s = tl.where(o_j[None, :] < o_c[:, None], b_s, float("-inf"))
         b_p = tl.exp2(b_s - b_lse[:, None])
-        b_v1, b_v2 = _load_halves(v_h, _summary_value_rows(o_j, o_bt, L, H, P), m_j, o_ph, m_ph, P // 2, False, "")
+        b_v1, b_v2 = _load_halves(v_h, _summary_value_rows(o_j, o_bt, L, H, P), m_j, o_ph, m_ph, P // 2, False)
         b_dp = tl.dot(b_do1, tl.trans(to_dot(b_v1, DTYPE, EMULATE)), input_precision=DOT_PRECISION)
         b_dp = tl.dot(b_do2, tl.trans(to_dot(b_v2, DTYPE, EMULATE)), b_dp, input_precision=DOT_PRECISION)
         b_ds = to_dot(b_p * (b_dp - b_delta[:, None]), DTYPE, EMULATE)
@@ -505,7 +501,7 @@ def chunk_attention_bwd_kernel_rows(
     m_tph = m_t[:, None] & m_ph[None, :]
     o_bt = i_b.to(tl.int64) * T
     o_qrow = i_b.to(tl.int64) * stride_qb + o_t.to(tl.int64) * stride_qt + i_g * P
-    b_q1, b_q2 = _load_halves(q, o_qrow, m_t, o_ph, m_ph, P // 2, False, "")
+    b_q1, b_q2 = _load_halves(q, o_qrow, m_t, o_ph, m_ph, P // 2, False)
     b_q1, b_q2 = b_q1.to(tl.float32), b_q2.to(tl.float32)
     b_dq1 = tl.zeros([BLOCK_M, BLOCK_PH], dtype=tl.float32)
     b_dq2 = tl.zeros([BLOCK_M, BLOCK_PH], dtype=tl.float32)
@@ -590,7 +586,7 @@ def chunk_attention_bwd_kernel_dq(
     m_ph = col_mask(o_ph, P // 2, BLOCK_PH)
     o_bt = i_b.to(tl.int64) * T
     o_grow = ((o_bt + o_t) * G + i_g) * P
-    b_qr1, b_qr2 = _load_halves(qr, o_grow, m_t, o_ph, m_ph, P // 2, False, "")
+    b_qr1, b_qr2 = _load_halves(qr, o_grow, m_t, o_ph, m_ph, P // 2, False)
     b_qr1 = to_dot(b_qr1, DTYPE, EMULATE)
     b_qr2 = to_dot(b_qr2, DTYPE, EMULATE)
     o_c = o_t // L
@@ -602,7 +598,7 @@ def chunk_attention_bwd_kernel_dq(
     # One head after the other: the group's dq stays in registers, rotated back once at the end.
     for i_hg in range(HPG):
         i_h = i_g * HPG + i_hg
-        b_do1, b_do2 = _load_halves(do, ((o_bt + o_t) * H + i_h) * P, m_t, o_ph, m_ph, P // 2, False, "")
+        b_do1, b_do2 = _load_halves(do, ((o_bt + o_t) * H + i_h) * P, m_t, o_ph, m_ph, P // 2, False)
         b_do1 = to_dot(b_do1, DTYPE, EMULATE)
         b_do2 = to_dot(b_do2, DTYPE, EMULATE)
         o_lse = (i_b.to(tl.int64) * H + i_h) * T + o_t
@@ -619,7 +615,7 @@ def chunk_attention_bwd_kernel_dq(
         )  # fmt: skip
     b_cos, b_sin = _load_rope(p_cos, p_sin, o_c, m_t, o_ph, m_ph, P // 2, "")
     b_dq1, b_dq2 = _rotate_back(b_dqr1, b_dqr2, b_cos, b_sin)
-    b_own1, b_own2 = _load_halves(dq_own, o_grow, m_t, o_ph, m_ph, P // 2, False, "")
+    b_own1, b_own2 = _load_halves(dq_own, o_grow, m_t, o_ph, m_ph, P // 2, False)
     o_dqrow = i_b.to(tl.int64) * stride_dqb + o_t.to(tl.int64) * stride_dqt + i_g * P
     _store_halves(dq, o_dqrow, m_t, o_ph, m_ph, b_dq1 * scale + b_own1, b_dq2 * scale + b_own2, P // 2, EMULATE)
 
@@ -668,7 +664,7 @@ def _bwd_dkv_inner(
         o_t = t0 + tl.arange(0, BLOCK_M)
         m_t = o_t < T
         # Rotated queries (B, T, G, P) transposed (BLOCK_PH, BLOCK_M): scores come out key-major.
-        b_qrt1, b_qrt2 = _load_halves(qr_g, (o_bt + o_t) * G * P, m_t, o_ph, m_ph, P // 2, True, "")
+        b_qrt1, b_qrt2 = _load_halves(qr_g, (o_bt + o_t) * G * P, m_t, o_ph, m_ph, P // 2, True)
         o_dorow = (o_bt + o_t) * H * P
         b_do = tl.load(do_h + o_dorow[:, None] + o_p[None, :], mask=m_t[:, None] & m_p[None, :], other=0.0)
         b_qrt1 = to_dot(b_qrt1, DTYPE, EMULATE)
@@ -757,8 +753,8 @@ def chunk_attention_bwd_kernel_dkv(
         # Row jL + L - 1 is also its own query's own state: its term seeds the accumulators (dk in
         # the rotated frame, like the summary term), so the raw rows need not stay live across the loop.
         o_qrow = i_b.to(tl.int64) * stride_qb + o_r.to(tl.int64) * stride_qt + i_g * P
-        b_q1, b_q2 = _load_halves(q, o_qrow, m_j, o_ph, m_ph, P // 2, False, "")
-        b_k1, b_k2 = _load_halves(k, o_krow, m_j, o_ph, m_ph, P // 2, False, "")
+        b_q1, b_q2 = _load_halves(q, o_qrow, m_j, o_ph, m_ph, P // 2, False)
+        b_k1, b_k2 = _load_halves(k, o_krow, m_j, o_ph, m_ph, P // 2, False)
         b_q1, b_q2 = b_q1.to(tl.float32), b_q2.to(tl.float32)
         b_do = tl.load(do + o_krow[:, None] + o_p[None, :], mask=m_jp, other=0.0).to(tl.float32)
         b_lse = tl.load(lse + o_bht + o_r, mask=m_j, other=0.0)
@@ -770,7 +766,7 @@ def chunk_attention_bwd_kernel_dkv(
         b_cos, b_sin = _load_rope(p_cos, p_sin, o_j, m_j, o_ph, m_ph, P // 2, "")
         b_dkr1, b_dkr2 = _rotate(b_ds_own[:, None] * b_q1, b_ds_own[:, None] * b_q2, b_cos, b_sin)
     o_kr = ((i_b.to(tl.int64) * C + o_j) * H + i_h) * P
-    b_kr1, b_kr2 = _load_halves(kr, o_kr, m_j, o_ph, m_ph, P // 2, False, "")
+    b_kr1, b_kr2 = _load_halves(kr, o_kr, m_j, o_ph, m_ph, P // 2, False)
     b_kr1 = to_dot(b_kr1, DTYPE, EMULATE)
     b_kr2 = to_dot(b_kr2, DTYPE, EMULATE)
     b_v = to_dot(b_v, DTYPE, EMULATE)
@@ -834,7 +830,7 @@ def move_summaries_kernel(
     o_src = o_b * s_sb + o_j.to(tl.int64) * s_sj + i_h * s_sh
     o_dst = (o_b * s_db + o_j.to(tl.int64) * s_dj + i_h * s_dh)[:, None] + o_ph[None, :]
     m_dst = m_r[:, None] & m_ph[None, :]
-    b_k1, b_k2 = _load_halves(src_k, o_src, m_src, o_ph, m_ph, P // 2, False, "")
+    b_k1, b_k2 = _load_halves(src_k, o_src, m_src, o_ph, m_ph, P // 2, False)
     b_cos, b_sin = _load_rope(p_cos, p_sin, o_j, m_src, o_ph, m_ph, P // 2, "")
     if INVERSE:
         b_r1, b_r2 = _rotate_back(b_k1.to(tl.float32), b_k2.to(tl.float32), b_cos, b_sin)
@@ -843,7 +839,7 @@ def move_summaries_kernel(
     tl.store(dst_k + o_dst, to_store(b_r1, dst_k.dtype.element_ty, EMULATE), mask=m_dst)
     tl.store(dst_k + o_dst + P // 2, to_store(b_r2, dst_k.dtype.element_ty, EMULATE), mask=m_dst)
     if HAS_V:
-        b_v1, b_v2 = _load_halves(src_v, o_src, m_src, o_ph, m_ph, P // 2, False, "")
+        b_v1, b_v2 = _load_halves(src_v, o_src, m_src, o_ph, m_ph, P // 2, False)
         tl.store(dst_v + o_dst, to_store(b_v1.to(tl.float32), dst_v.dtype.element_ty, EMULATE), mask=m_dst)
         tl.store(dst_v + o_dst + P // 2, to_store(b_v2.to(tl.float32), dst_v.dtype.element_ty, EMULATE), mask=m_dst)
 
