@@ -45,8 +45,9 @@ def to_dot(b_x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
 
 @triton.jit
 def to_store(b_x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
-    """An fp32 tile cast for a store; EMULATE: round to nearest first (the interpreter truncates)."""
-    if EMULATE:
+    """An fp32 tile cast for a store; EMULATE: round to nearest first where DTYPE is bf16 (the
+    interpreter truncates), as a GPU rounds; fp32 stores keep every bit."""
+    if EMULATE and DTYPE == tl.bfloat16:
         b_x = round_bf16(b_x)
     return b_x.to(DTYPE)
 

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from rat_lightning.ops.layout import check_output, rows_contiguous
-from rat_lightning.ops.triton_common import check_device
+from rat_lightning.ops.triton_common import check_device, is_interpreted, to_store
 
 
 class StateGrads(NamedTuple):
@@ -162,6 +162,7 @@ def recurrence_fwd_kernel_chunk(
     HAS_BIAS: tl.constexpr,
     HAS_H0: tl.constexpr,
     SUMMARY: tl.constexpr,
+    EMULATE: tl.constexpr,
 ):
     """Scan NC blocks of CHUNK tokens for BH heads x BP channels.
 
@@ -220,14 +221,14 @@ def recurrence_fwd_kernel_chunk(
         # Outputs are contiguous (B, T, H, P): row b * T + t.
         o_s = (o_b * T + o_t)[:, None, None] * (H * P) + o_d[None, :, :]
         if not SUMMARY:
-            tl.store(sx + o_s, b_hx.to(sx.dtype.element_ty), mask=m)
+            tl.store(sx + o_s, to_store(b_hx, sx.dtype.element_ty, EMULATE), mask=m)
         if HAS_K:
             # One load of the group's key serves its HPG heads.
             p_k = k + (o_b * stride_kb + o_t * stride_kt)[:, None] + o_dk[None, :]
             b_k = tl.load(p_k, mask=m_t[:, None] & m_p[None, :], other=0.0).to(tl.float32)
             b_hk = b_a * b_hk + b_1ma * b_k[:, None, :]
             if not SUMMARY:
-                tl.store(sk + o_s, b_hk.to(sk.dtype.element_ty), mask=m)
+                tl.store(sk + o_s, to_store(b_hk, sk.dtype.element_ty, EMULATE), mask=m)
 
     if SUMMARY:
         tl.store(hx + o_h, b_hx, mask=m_h)
@@ -385,6 +386,7 @@ def recurrence_bwd_kernel_chunk(
     RESTART: tl.constexpr,
     SUMMARY: tl.constexpr,
     FACTORED: tl.constexpr,
+    EMULATE: tl.constexpr,
 ):
     """Reverse scan of NC blocks: ``d_t = ds_t + a_{t+1} d_{t+1}`` (not across a restart).
 
@@ -490,7 +492,7 @@ def recurrence_bwd_kernel_chunk(
                     tl.float32
                 )
             p_dx = dx + (o_b * stride_dxb + o_t * stride_dxt)[:, None, None] + o_d[None, :, :]
-            tl.store(p_dx, (b_1ma * b_dx).to(dx.dtype.element_ty), mask=m)
+            tl.store(p_dx, to_store((b_1ma * b_dx), dx.dtype.element_ty, EMULATE), mask=m)
             b_dg = b_dx * (b_sx - b_x)
             if HAS_K:
                 b_sk = tl.load(sk + o_s - H * P, mask=m_prev, other=0.0).to(tl.float32)
@@ -504,10 +506,10 @@ def recurrence_bwd_kernel_chunk(
                 b_dg += b_dk * (b_sk - b_k[:, None, :])
                 # The key of a group feeds HPG heads: its gradient is their sum.
                 p_dk = dk + (o_b * stride_dkb + o_t * stride_dkt)[:, None] + o_dk[None, :]
-                tl.store(p_dk, tl.sum(b_1ma * b_dk, axis=1).to(dk.dtype.element_ty), mask=m_k)
+                tl.store(p_dk, to_store(tl.sum(b_1ma * b_dk, axis=1), dk.dtype.element_ty, EMULATE), mask=m_k)
             b_dg = b_dg * b_a * b_1ma
             p_dg = dg + (o_b * stride_dgb + o_t * stride_dgt)[:, None, None] + o_d[None, :, :]
-            tl.store(p_dg, b_dg.to(dg.dtype.element_ty), mask=m)
+            tl.store(p_dg, to_store(b_dg, dg.dtype.element_ty, EMULATE), mask=m)
             b_db += tl.sum(b_dg, axis=0)
         b_rx = b_a * b_dx
         if HAS_K:
@@ -553,7 +555,9 @@ def _layout(x: torch.Tensor, k: torch.Tensor | None, chunk_size: int | None) -> 
     nb = triton.cdiv(length, block)
     tiles = _tiles(heads, dim, heads // groups)
     grid = (triton.cdiv(batch * nb, tiles["NC"]), groups * tiles["NPB"])
-    meta = {"H": heads, "P": dim, "G": groups, "HPG": heads // groups, "CHUNK": block, **tiles}
+    # The interpreter's fp32 -> bf16 cast truncates: EMULATE rounds to nearest first, as a GPU does.
+    emulate = is_interpreted() and x.dtype == torch.bfloat16
+    meta = {"H": heads, "P": dim, "G": groups, "HPG": heads // groups, "CHUNK": block, "EMULATE": emulate, **tiles}
     return {"NB": nb, "NBT": batch * nb, "grid": grid, "meta": meta}
 
 
