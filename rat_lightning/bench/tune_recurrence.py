@@ -3,7 +3,8 @@
     python -m rat_lightning.bench.tune_recurrence out.json
 
 Prints forward and forward+backward medians per tile for the restart (L=16) and full forms at
-the benchmark shape; the winner goes into ``ops/recurrence/triton.py:_tiles``.
+the benchmark shape, one tile for both passes; ``_tiles`` in ``ops/recurrence/triton.py`` takes the
+forward's winner by forward time and the backward's by forward+backward time (minus the forward).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def sweep(tokens: int = 262_144, heads: int = 16, groups: int = 2, dim: int = 12
     for bp, nc, warps in itertools.product((32, 64, 128), (1, 2, 4), (4, 8)):
         hpg = heads // groups
 
-        def tiles(h: int, p: int, heads_per_group: int, bp=bp, nc=nc, warps=warps) -> dict:
+        def tiles(h: int, p: int, heads_per_group: int, forward: bool, bp=bp, nc=nc, warps=warps) -> dict:
             bh = triton.next_power_of_2(heads_per_group)
             return {"BH": bh, "BP": min(bp, p), "NC": nc, "NPB": triton.cdiv(p, min(bp, p)), "num_warps": warps}
 
@@ -52,7 +53,8 @@ def sweep(tokens: int = 262_144, heads: int = 16, groups: int = 2, dim: int = 12
             except Exception as error:  # a tile that does not compile (registers) is skipped
                 fwd = both = float("nan")
                 print(f"BP={bp} NC={nc} warps={warps}: {type(error).__name__}", file=sys.stderr)
-            rows.append({"BP": bp, "NC": nc, "warps": warps, "hpg": hpg, "chunk": chunk, "fwd_ms": fwd, "fwd_bwd_ms": both})
+            row = {"BP": bp, "NC": nc, "warps": warps, "hpg": hpg, "chunk": chunk, "fwd_ms": fwd, "fwd_bwd_ms": both}
+            rows.append(row)
             print(f"BP={bp:4} NC={nc} warps={warps} chunk={chunk!s:5} fwd {fwd:7.3f} f+b {both:7.3f}", flush=True)
     kernels._tiles = original
     return rows

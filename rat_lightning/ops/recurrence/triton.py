@@ -528,18 +528,20 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _tiles(heads: int, dim: int, heads_per_group: int) -> dict:
-    """Tile of one program: BH heads (one key group) x BP channels x NC blocks, 4 warps.
+def _tiles(heads: int, dim: int, heads_per_group: int, forward: bool) -> dict:
+    """Tile of one program: BH heads (one key group) x BP channels x NC blocks, and its warps.
 
-    Measured on an H100 (bf16, 262,144 tokens, H=16, P=128, G=2; `bench/tune_recurrence.py`):
-    8 heads x 64 channels x 1 chunk was fastest for both passes and both forms (restart L=16:
-    1.74 ms forward, 4.44 ms forward+backward; full sequence 2.75 / 6.70 ms); 32 channels
-    (64-byte row segments) cost 1.5x, 128 channels or several chunks per program cost
-    registers and occupancy in the backward.
+    Measured on an H100 (bf16, 262,144 tokens, H=16, P=128, G=2; `bench/tune_recurrence.py`,
+    docs/benchmarks/recurrence_tiles_h100.json). Backward: 8 heads x 64 channels x 1 chunk at 4
+    warps (restart L=16: 4.44 ms forward+backward; full sequence 6.70); 32 channels (64-byte row
+    segments) cost 1.5x, 128 channels or several chunks per program cost registers and occupancy.
+    Forward: 8 heads x 128 channels at 8 warps, 1.58 / 2.55 ms (restart / full sequence) against
+    1.74 / 2.75 at the backward's tile, the same 128 elements per warp.
     """
     bh = _next_power_of_2(heads_per_group)
-    bp = min(_next_power_of_2(dim), max(16, 512 // bh))
-    return {"BH": bh, "BP": bp, "NC": 1, "NPB": triton.cdiv(dim, bp), "num_warps": 4}
+    bp = min(_next_power_of_2(dim), max(16, (1024 if forward else 512) // bh))
+    warps = 8 if forward and bh * bp >= 1024 else 4
+    return {"BH": bh, "BP": bp, "NC": 1, "NPB": triton.cdiv(dim, bp), "num_warps": warps}
 
 
 def _effective_chunk(chunk_size: int | None, length: int) -> int | None:
@@ -548,12 +550,12 @@ def _effective_chunk(chunk_size: int | None, length: int) -> int | None:
     return None if chunk_size is not None and chunk_size >= length else chunk_size
 
 
-def _layout(x: torch.Tensor, k: torch.Tensor | None, chunk_size: int | None) -> dict:
+def _layout(x: torch.Tensor, k: torch.Tensor | None, chunk_size: int | None, forward: bool) -> dict:
     batch, length, heads, dim = x.shape
     groups = heads if k is None else k.shape[2]
     block = chunk_size if chunk_size is not None else min(FULL_SEQUENCE_BLOCK, _next_power_of_2(length))
     nb = triton.cdiv(length, block)
-    tiles = _tiles(heads, dim, heads // groups)
+    tiles = _tiles(heads, dim, heads // groups, forward)
     grid = (triton.cdiv(batch * nb, tiles["NC"]), groups * tiles["NPB"])
     # The interpreter's fp32 -> bf16 cast truncates: EMULATE rounds to nearest first, as a GPU does.
     emulate = is_interpreted() and x.dtype == torch.bfloat16
@@ -620,7 +622,7 @@ def recurrence_fwd(
     sk = x.new_empty(batch, length, heads, dim) if k is not None else None
     if x.numel() == 0:
         return sx, sk
-    lay = _layout(x, k, chunk_size)
+    lay = _layout(x, k, chunk_size, forward=True)
     nb, meta = lay["NB"], lay["meta"]
     kk = k if k is not None else x
     strides = (x.stride(0), x.stride(1), g.stride(0), g.stride(1), kk.stride(0), kk.stride(1))
@@ -716,7 +718,7 @@ def recurrence_bwd(
         d0x = torch.zeros_like(s0x) if s0x is not None else None
         d0k = torch.zeros_like(s0k) if s0k is not None else None
         return dx, dg, dk, dbias, d0x, d0k
-    lay = _layout(x, k, chunk_size)
+    lay = _layout(x, k, chunk_size, forward=False)
     nb, meta, grid = lay["NB"], lay["meta"], lay["grid"]
     kk, dkk = (k, dk) if k is not None else (x, dx)
     # The factored gradients' tensors (dsx stands in for those the kernel does not read).
