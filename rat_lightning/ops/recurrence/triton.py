@@ -492,7 +492,7 @@ def recurrence_bwd_kernel_chunk(
                     tl.float32
                 )
             p_dx = dx + (o_b * stride_dxb + o_t * stride_dxt)[:, None, None] + o_d[None, :, :]
-            tl.store(p_dx, to_store((b_1ma * b_dx), dx.dtype.element_ty, EMULATE), mask=m)
+            tl.store(p_dx, to_store(b_1ma * b_dx, dx.dtype.element_ty, EMULATE), mask=m)
             b_dg = b_dx * (b_sx - b_x)
             if HAS_K:
                 b_sk = tl.load(sk + o_s - H * P, mask=m_prev, other=0.0).to(tl.float32)
