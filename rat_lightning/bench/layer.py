@@ -2,7 +2,10 @@
 
 The configuration of the kernels issue: d_model 2048, 16 heads of 128, G=2, L=16, bf16,
 262,144 tokens per step, T in {4K, 16K, 64K, 128K}. Times are medians of
-``triton.testing.do_bench`` (warm-up excluded). Run on a GPU:
+``triton.testing.do_bench`` (warm-up excluded). The floor is measured in the same run: the
+projections' GEMMs, the inter-chunk attention at the fastest library kernel (cuDNN where it runs)
+and the fused recurrence, each alone, and ``floor`` their sum; the table ends with the RAT layer
+over that floor. Run on a GPU:
 
     python -m rat_lightning.bench.layer docs/benchmarks/layer.json
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -42,10 +46,117 @@ def _fwd_bwd(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return run
 
 
-def _forward(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def _projections_floor(x: torch.Tensor, rat: RAT) -> dict:
+    """The layer's GEMMs alone: the packed in-projection and the out-projection, with a given upstream
+    gradient (a ``.sum().backward()`` would time a stride-0 gradient's copy with them)."""
+    d_model = x.shape[-1]
+    w_in = torch.randn(rat.w_in.weight.shape, device=x.device, dtype=x.dtype, requires_grad=True)
+    w_out = torch.randn(d_model, d_model, device=x.device, dtype=x.dtype, requires_grad=True)
+    grad = torch.ones_like(x)
+
+    def forward() -> torch.Tensor:
+        return F.linear(F.linear(x, w_in)[..., :d_model], w_out)
+
+    return {"variant": "floor_projections",
+            "fwd_bwd_ms": _time(lambda: forward().backward(grad), grad_to_none=[x, w_in, w_out]),
+            "fwd_ms": _time(_no_grad(forward))}  # fmt: skip
+
+
+def _attention_floors(batch: int, length: int, heads: int, dim: int, chunk_size: int, dtype: torch.dtype) -> list[dict]:
+    """The inter-chunk attention's FLOPs (T queries over the T/L chunk summaries, causal) at the
+    fastest library kernel, in one call each:
+
+    - ``floor_chunk_attention``: causal attention of exactly that work. Through cuDNN where it runs
+      (queries regrouped by offset in the chunk: H L query heads over H key heads, C - 1 positions,
+      which is what the RAT layer's long-sequence path calls), else SDPA over ``(B L, H, C, P)``.
+    - ``floor_chunk_attention_noncausal_half``: half the time of non-causal attention of T queries
+      over all C summaries (SDPA). Half the FLOPs is the causal half, but no causal kernel runs at the
+      non-causal one's rate (diagonal tiles, uneven rows): a lower bound, not a reachable time.
+    """
+    from rat_lightning.ops.chunk_attention.sdpa_lse import (
+        attention_with_lse,
+        attention_with_lse_backward,
+        cudnn_attention_usable,
+    )
+
+    chunks = length // chunk_size
+    scale = dim**-0.5
+
+    def randn(*shape: int, grad: bool = False) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", dtype=dtype, requires_grad=grad)
+
+    rows = []
+    if cudnn_attention_usable(randn(1), dim):
+        q, grad = randn(batch, heads * chunk_size, chunks - 1, dim), randn(batch, heads * chunk_size, chunks - 1, dim)
+        k, v = randn(batch, heads, chunks - 1, dim), randn(batch, heads, chunks - 1, dim)
+
+        def cudnn_fwd_bwd() -> None:
+            o, lse = attention_with_lse(q, k, v, scale)
+            attention_with_lse_backward(grad, q, k, v, o, lse.contiguous(), scale)
+
+        causal = (_time(cudnn_fwd_bwd), _time(lambda: attention_with_lse(q, k, v, scale)), "cudnn, regrouped GQA")
+    else:
+        q, k, v = (randn(batch * chunk_size, heads, chunks, dim, grad=True) for _ in range(3))
+        grad = torch.randn_like(q)
+
+        def sdpa() -> torch.Tensor:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        causal = (_time(lambda: sdpa().backward(grad), grad_to_none=[q, k, v]), _time(_no_grad(sdpa)), "sdpa")
+    rows.append({"variant": "floor_chunk_attention", "fwd_bwd_ms": causal[0], "fwd_ms": causal[1], "kernel": causal[2]})
+    queries, grad = randn(batch, heads, length, dim, grad=True), randn(batch, heads, length, dim)
+    keys, values = randn(batch, heads, chunks, dim, grad=True), randn(batch, heads, chunks, dim, grad=True)
+
+    def full() -> torch.Tensor:
+        return F.scaled_dot_product_attention(queries, keys, values)
+
+    rows.append({"variant": "floor_chunk_attention_noncausal_half", "kernel": "sdpa",
+                 "fwd_bwd_ms": _time(lambda: full().backward(grad), grad_to_none=[queries, keys, values]) / 2,
+                 "fwd_ms": _time(_no_grad(full)) / 2})  # fmt: skip
+    return rows
+
+
+def _recurrence_floor(x: torch.Tensor, heads: int, groups: int, chunk_size: int) -> dict:
+    """The fused recurrence alone (restart form, x and k, shared gate), forward+backward."""
+    from rat_lightning.ops import gated_recurrence
+
+    batch, length, d_model = x.shape
+    dim = d_model // heads
+    xs, gs, ks = (torch.randn(batch, length, width, dim, device=x.device, dtype=x.dtype, requires_grad=True)
+                  for width in (heads, heads, groups))  # fmt: skip
+    bias = torch.zeros(heads, dim, device=x.device, requires_grad=True)
+    grads = (torch.ones_like(xs), torch.ones_like(xs))
+
+    def forward() -> tuple[torch.Tensor, torch.Tensor]:
+        return gated_recurrence(xs, gs, ks, gate_bias=bias, chunk_size=chunk_size)
+
+    return {"variant": "floor_recurrence",
+            "fwd_bwd_ms": _time(lambda: torch.autograd.backward(forward(), grads), grad_to_none=[xs, gs, ks, bias]),
+            "fwd_ms": _time(_no_grad(forward))}  # fmt: skip
+
+
+def _floor_rows(x: torch.Tensor, rat: RAT, groups: int, chunk_size: int) -> list[dict]:
+    """The floor's parts at x's shape (projections, inter-chunk attention, recurrence, each at the
+    speed of the best kernel we have for it; see :func:`_attention_floors`) and their sums:
+    ``floor`` with the causal attention, ``floor_noncausal_half`` with the lower bound."""
+    batch, length, d_model = x.shape
+    heads = rat.n_heads
+    attention = _attention_floors(batch, length, heads, d_model // heads, chunk_size, x.dtype)
+    parts = [_projections_floor(x, rat), *attention, _recurrence_floor(x, heads, groups, chunk_size)]
+    torch.cuda.empty_cache()
+    totals = []
+    for name, leave_out in (("floor", "floor_chunk_attention_noncausal_half"),
+                            ("floor_noncausal_half", "floor_chunk_attention")):  # fmt: skip
+        summed = [part for part in parts if part["variant"] != leave_out]
+        totals.append({"variant": name, **{key: sum(part[key] for part in summed) for key in ("fwd_bwd_ms", "fwd_ms")}})
+    return parts + totals
+
+
+def _no_grad(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` run under ``torch.no_grad()`` (the forward-only timings)."""
     def run() -> None:
         with torch.no_grad():
-            module(x)
+            fn()
 
     return run
 
@@ -95,46 +206,30 @@ def bench_layer(
         for name, module in variants.items():
             try:
                 fwd_bwd = _time(_fwd_bwd(module, x), grad_to_none=[x, *module.parameters()])
-                fwd = _time(_forward(module, x))
+                fwd = _time(_no_grad(partial(module, x)))
             except torch.OutOfMemoryError:
                 fwd_bwd = fwd = float("nan")
             x.grad = None
             torch.cuda.empty_cache()
             rows.append({"T": length, "batch": batch, "variant": name, "fwd_bwd_ms": fwd_bwd, "fwd_ms": fwd})
-        # Floor parts: the projections alone, and flash SDPA over T/L keys (causal half).
-        w_in = torch.randn(rat.w_in.weight.shape, device=device, dtype=dtype, requires_grad=True)
-        w_out = torch.randn(d_model, d_model, device=device, dtype=dtype, requires_grad=True)
-
-        def projections(backward: bool = True) -> None:
-            out = F.linear(F.linear(x, w_in)[..., :d_model], w_out)
-            if backward:
-                out.sum().backward()
-
-        def projections_forward() -> None:
-            with torch.no_grad():
-                projections(backward=False)
-
-        rows.append({"T": length, "batch": batch, "variant": "floor_projections",
-                     "fwd_bwd_ms": _time(projections, grad_to_none=[x, w_in, w_out]),
-                     "fwd_ms": _time(projections_forward)})  # fmt: skip
-        chunks = length // chunk_size
-        q = torch.randn(batch, heads, chunks, d_model // heads, device=device, dtype=dtype, requires_grad=True)
-
-        def summaries() -> None:
-            F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
-
-        def summaries_forward() -> None:
-            with torch.no_grad():
-                F.scaled_dot_product_attention(q, q, q, is_causal=True)
-
-        # T/L queries against T/L keys scaled by L queries per chunk: the same FLOPs as T
-        # queries against T/L keys with the causal half. Forward times give the prefill floor.
-        rows.append({"T": length, "batch": batch, "variant": "floor_chunk_attention",
-                     "fwd_bwd_ms": _time(summaries, grad_to_none=[q]) * chunk_size,
-                     "fwd_ms": _time(summaries_forward) * chunk_size})  # fmt: skip
-        del x, q, w_in, w_out, variants, rat, attention
+        rows += [{"T": length, "batch": batch, **row} for row in _floor_rows(x, rat, groups, chunk_size)]
+        del x, variants, rat, attention
         torch.cuda.empty_cache()
     return rows
+
+
+def floor_ratios(rows: list[dict]) -> list[str]:
+    """One line per T: the RAT layer's forward+backward and prefill over the floor measured in the same run."""
+    lines = []
+    for length in sorted({row["T"] for row in rows}):
+        at = {row["variant"]: row for row in rows if row["T"] == length}
+        for name in ("floor", "floor_noncausal_half"):
+            if "rat" in at and name in at:
+                rat, floor = at["rat"], at[name]
+                lines.append(f"{length:>7} rat / {name}: fwd+bwd {rat['fwd_bwd_ms'] / floor['fwd_bwd_ms']:.3f}x "
+                             f"({rat['fwd_bwd_ms']:.1f} / {floor['fwd_bwd_ms']:.1f} ms), "
+                             f"prefill {rat['fwd_ms'] / floor['fwd_ms']:.3f}x")  # fmt: skip
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -151,7 +246,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = bench_layer(baselines=baselines, rat_backends=backends)
     for row in rows:
         fwd = row.get("fwd_ms", float("nan"))
-        print(f"{row['T']:>7} {row['variant']:<26} fwd+bwd {row['fwd_bwd_ms']:8.2f} ms  fwd {fwd:8.2f} ms")
+        print(f"{row['T']:>7} {row['variant']:<38} fwd+bwd {row['fwd_bwd_ms']:8.2f} ms  fwd {fwd:8.2f} ms")
+    for line in floor_ratios(rows):
+        print(line)
     if argv:
         with open(argv[0], "w") as handle:
             json.dump(rows, handle, indent=1)

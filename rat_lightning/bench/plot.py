@@ -20,15 +20,18 @@ PAPER_CODE = {4096: 153, 16384: 161, 65536: 190, 131072: 227}
 
 
 def plot_layer(path: str, out: str) -> None:
-    """Forward+backward ms against T for each variant, with the target, the floor and the paper's code."""
+    """Forward+backward ms against T for each variant and the floors measured with them, beside the
+    issue's target, floor and the paper's code."""
     rows = json.load(open(path))
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for variant in ("rat", "attention_sdpa", "rat_reference_compiled"):
+    measured = (("rat", "o-"), ("attention_sdpa", "o-"), ("rat_reference_compiled", "o-"), ("floor", "s--"),
+                ("floor_noncausal_half", "s:"))  # fmt: skip
+    for variant, style in measured:
         # NaN (out of memory) never equals itself: those points are left out.
         timed = [r for r in rows if r["variant"] == variant and r["fwd_bwd_ms"] == r["fwd_bwd_ms"]]
         points = sorted((r["T"], r["fwd_bwd_ms"]) for r in timed)
         if points:
-            ax.plot(*zip(*points), marker="o", label=f"{variant} (ours, measured)")
+            ax.plot(*zip(*points), style, label=f"{variant} (measured, same run)")
     references = (("target (issue 6)", TARGET, "r-."), ("floor (issue 6)", FLOOR, "k--"),
                   ("paper's RAT code (issue 6)", PAPER_CODE, "k:"))
     for name, table, style in references:
