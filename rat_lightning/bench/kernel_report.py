@@ -96,7 +96,7 @@ def compile_regrouped_kernels() -> list[tuple[str, str]]:
         "regroup": regrouped.regroup_queries_kernel,
         "merge": regrouped.merge_own_state_kernel,
         "prepare": regrouped.prepare_backward_kernel,
-        "add": regrouped.add_query_grads_kernel,
+        "query_grads": regrouped.query_grads_kernel,
     }
     rows = []
     for name, kernel in launches.items():

@@ -16,6 +16,6 @@ def test_chunk_attention_kernels_compile_for_hopper():
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     kernels = ("fwd ", "fwd_long", "rows factored", "rows full", "dq ", "dq_long", "dkv ", "dkv_long")
-    regrouped = tuple(f"regrouped {name} " for name in ("regroup", "merge", "prepare", "add"))
+    regrouped = tuple(f"regrouped {name} " for name in ("regroup", "merge", "prepare", "query_grads"))
     for kernel in kernels + regrouped + ("move_summaries keys ", "move_summaries keys, values"):
         assert kernel in result.stdout, result.stdout

@@ -31,7 +31,8 @@ def rat_mixing_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(y, sx, sk, lse)``: y ``(B, T, H * P)`` and the states ``(B, T, H, P)`` in h's dtype, lse
     fp32 ``(B, H, T)`` (``attention="triton"``, see :func:`.chunk_attention.triton.chunk_attention_fwd`)
-    or ``(B, H L, ceil(T / L) - 1)`` (``"cudnn"``, :func:`.chunk_attention.regrouped.regrouped_attention_fwd`)."""
+    or ``(2, B, H L, ceil(T / L) - 1)``, the log-sum-exp and the own state's weight (``"cudnn"``,
+    :func:`.chunk_attention.regrouped.regrouped_attention_fwd`)."""
     z, x, g, q, k = split_projection(h, heads, groups)
     sx, sk = recurrence_fwd(x, g, k, gate_bias, chunk_size)
     forward = regrouped_attention_fwd if attention == "cudnn" else chunk_attention_fwd
@@ -45,7 +46,7 @@ def _fwd_fake(h, gate_bias, heads, groups, chunk_size, rope_base, attention):
     dim = width // (3 * heads + 2 * groups)
     states = h.new_empty(batch, length, heads, dim)
     if attention == "cudnn":
-        lse = h.new_empty(batch, heads * chunk_size, max(-(-length // chunk_size) - 1, 0), dtype=torch.float32)
+        lse = h.new_empty(2, batch, heads * chunk_size, max(-(-length // chunk_size) - 1, 0), dtype=torch.float32)
     else:
         lse = h.new_empty(batch, heads, length, dtype=torch.float32)
     return h.new_empty(batch, length, heads * dim), states, torch.empty_like(states), lse
