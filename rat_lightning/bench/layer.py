@@ -141,15 +141,16 @@ def _floor_rows(x: torch.Tensor, rat: RAT, groups: int, chunk_size: int) -> list
     ``floor`` with the causal attention, ``floor_noncausal_half`` with the lower bound."""
     batch, length, d_model = x.shape
     heads = rat.n_heads
-    attention = _attention_floors(batch, length, heads, d_model // heads, chunk_size, x.dtype)
-    parts = [_projections_floor(x, rat), *attention, _recurrence_floor(x, heads, groups, chunk_size)]
+    causal, noncausal_half = _attention_floors(batch, length, heads, d_model // heads, chunk_size, x.dtype)
+    projections = _projections_floor(x, rat)
+    recurrence = _recurrence_floor(x, heads, groups, chunk_size)
     torch.cuda.empty_cache()
-    totals = []
-    for name, leave_out in (("floor", "floor_chunk_attention_noncausal_half"),
-                            ("floor_noncausal_half", "floor_chunk_attention")):  # fmt: skip
-        summed = [part for part in parts if part["variant"] != leave_out]
-        totals.append({"variant": name, **{key: sum(part[key] for part in summed) for key in ("fwd_bwd_ms", "fwd_ms")}})
-    return parts + totals
+    times = ("fwd_bwd_ms", "fwd_ms")
+    totals = [
+        {"variant": name, **{key: projections[key] + attention[key] + recurrence[key] for key in times}}
+        for name, attention in (("floor", causal), ("floor_noncausal_half", noncausal_half))
+    ]
+    return [projections, causal, noncausal_half, recurrence, *totals]
 
 
 def _no_grad(fn: Callable[[], object]) -> Callable[[], None]:
