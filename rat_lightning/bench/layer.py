@@ -4,8 +4,9 @@ The configuration of the kernels issue: d_model 2048, 16 heads of 128, G=2, L=16
 262,144 tokens per step, T in {4K, 16K, 64K, 128K}. Times are medians of
 ``triton.testing.do_bench`` (warm-up excluded). The floor is measured in the same run: the
 projections' GEMMs, the inter-chunk attention at the fastest library kernel (cuDNN where it runs)
-and the fused recurrence, each alone, and ``floor`` their sum; the table ends with the RAT layer
-over that floor. Run on a GPU:
+and the fused recurrence, each alone, ``floor`` their sum, and ``floor_in_sequence`` the three run
+back to back in one timed call (the GPU's power cap clocks them then as it clocks the layer); the
+table ends with the RAT layer over each floor. Run on a GPU:
 
     python -m rat_lightning.bench.layer docs/benchmarks/layer.json
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -46,7 +48,27 @@ def _fwd_bwd(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return run
 
 
-def _projections_floor(x: torch.Tensor, rat: RAT) -> dict:
+@dataclass
+class _FloorPart:
+    """One part of the floor as closures: ``fwd_bwd`` and ``fwd`` (no grad) run it once, ``grads``
+    are the tensors whose ``.grad`` is reset before each call, and its time is ``scale`` x the
+    measured one (the non-causal attention's half)."""
+
+    variant: str
+    fwd_bwd: Callable[[], None]
+    fwd: Callable[[], None]
+    grads: list[torch.Tensor] = field(default_factory=list)
+    kernel: str | None = None
+    scale: float = 1.0
+
+    def timed(self) -> dict:
+        """The part's row: forward+backward and forward ms, each timed alone."""
+        row = {"variant": self.variant, "fwd_bwd_ms": _time(self.fwd_bwd, grad_to_none=self.grads) * self.scale,
+               "fwd_ms": _time(self.fwd) * self.scale}  # fmt: skip
+        return row if self.kernel is None else {**row, "kernel": self.kernel}
+
+
+def _projections_floor(x: torch.Tensor, rat: RAT) -> _FloorPart:
     """The layer's GEMMs alone: the packed in-projection and the out-projection, with a given upstream
     gradient (a ``.sum().backward()`` would time a stride-0 gradient's copy with them)."""
     d_model = x.shape[-1]
@@ -57,12 +79,12 @@ def _projections_floor(x: torch.Tensor, rat: RAT) -> dict:
     def forward() -> torch.Tensor:
         return F.linear(F.linear(x, w_in)[..., :d_model], w_out)
 
-    return {"variant": "floor_projections",
-            "fwd_bwd_ms": _time(lambda: forward().backward(grad), grad_to_none=[x, w_in, w_out]),
-            "fwd_ms": _time(_no_grad(forward))}  # fmt: skip
+    return _FloorPart("floor_projections", lambda: forward().backward(grad), _no_grad(forward), [x, w_in, w_out])
 
 
-def _attention_floors(batch: int, length: int, heads: int, dim: int, chunk_size: int, dtype: torch.dtype) -> list[dict]:
+def _attention_floors(
+    batch: int, length: int, heads: int, dim: int, chunk_size: int, dtype: torch.dtype
+) -> tuple[_FloorPart, _FloorPart]:
     """The inter-chunk attention's FLOPs (T queries over the T/L chunk summaries, causal) at the
     fastest library kernel, in one call each:
 
@@ -85,7 +107,6 @@ def _attention_floors(batch: int, length: int, heads: int, dim: int, chunk_size:
     def randn(*shape: int, grad: bool = False) -> torch.Tensor:
         return torch.randn(*shape, device="cuda", dtype=dtype, requires_grad=grad)
 
-    rows = []
     if cudnn_attention_usable(randn(1), dim):
         q, grad = randn(batch, heads * chunk_size, chunks - 1, dim), randn(batch, heads * chunk_size, chunks - 1, dim)
         k, v = randn(batch, heads, chunks - 1, dim), randn(batch, heads, chunks - 1, dim)
@@ -94,7 +115,8 @@ def _attention_floors(batch: int, length: int, heads: int, dim: int, chunk_size:
             o, lse = attention_with_lse(q, k, v, scale)
             attention_with_lse_backward(grad, q, k, v, o, lse.contiguous(), scale)
 
-        causal = (_time(cudnn_fwd_bwd), _time(lambda: attention_with_lse(q, k, v, scale)), "cudnn, regrouped GQA")
+        causal = _FloorPart("floor_chunk_attention", cudnn_fwd_bwd, lambda: attention_with_lse(q, k, v, scale),
+                            kernel="cudnn, regrouped GQA")  # fmt: skip
     else:
         q, k, v = (randn(batch * chunk_size, heads, chunks, dim, grad=True) for _ in range(3))
         grad = torch.randn_like(q)
@@ -102,21 +124,20 @@ def _attention_floors(batch: int, length: int, heads: int, dim: int, chunk_size:
         def sdpa() -> torch.Tensor:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-        causal = (_time(lambda: sdpa().backward(grad), grad_to_none=[q, k, v]), _time(_no_grad(sdpa)), "sdpa")
-    rows.append({"variant": "floor_chunk_attention", "fwd_bwd_ms": causal[0], "fwd_ms": causal[1], "kernel": causal[2]})
-    queries, grad = randn(batch, heads, length, dim, grad=True), randn(batch, heads, length, dim)
+        causal = _FloorPart("floor_chunk_attention", lambda: sdpa().backward(grad), _no_grad(sdpa), [q, k, v], "sdpa")
+    # Names of their own: the closures above are called after this point.
+    queries, full_grad = randn(batch, heads, length, dim, grad=True), randn(batch, heads, length, dim)
     keys, values = randn(batch, heads, chunks, dim, grad=True), randn(batch, heads, chunks, dim, grad=True)
 
     def full() -> torch.Tensor:
         return F.scaled_dot_product_attention(queries, keys, values)
 
-    rows.append({"variant": "floor_chunk_attention_noncausal_half", "kernel": "sdpa",
-                 "fwd_bwd_ms": _time(lambda: full().backward(grad), grad_to_none=[queries, keys, values]) / 2,
-                 "fwd_ms": _time(_no_grad(full)) / 2})  # fmt: skip
-    return rows
+    noncausal_half = _FloorPart("floor_chunk_attention_noncausal_half", lambda: full().backward(full_grad),
+                                _no_grad(full), [queries, keys, values], "sdpa", scale=0.5)  # fmt: skip
+    return causal, noncausal_half
 
 
-def _recurrence_floor(x: torch.Tensor, heads: int, groups: int, chunk_size: int) -> dict:
+def _recurrence_floor(x: torch.Tensor, heads: int, groups: int, chunk_size: int) -> _FloorPart:
     """The fused recurrence alone (restart form, x and k, shared gate), forward+backward."""
     from rat_lightning.ops import gated_recurrence
 
@@ -130,27 +151,50 @@ def _recurrence_floor(x: torch.Tensor, heads: int, groups: int, chunk_size: int)
     def forward() -> tuple[torch.Tensor, torch.Tensor]:
         return gated_recurrence(xs, gs, ks, gate_bias=bias, chunk_size=chunk_size)
 
-    return {"variant": "floor_recurrence",
-            "fwd_bwd_ms": _time(lambda: torch.autograd.backward(forward(), grads), grad_to_none=[xs, gs, ks, bias]),
-            "fwd_ms": _time(_no_grad(forward))}  # fmt: skip
+    return _FloorPart("floor_recurrence", lambda: torch.autograd.backward(forward(), grads), _no_grad(forward),
+                      [xs, gs, ks, bias])  # fmt: skip
+
+
+def _in_sequence(variant: str, parts: list[_FloorPart]) -> _FloorPart:
+    """The parts run back to back in one timed call."""
+    def fwd_bwd() -> None:
+        for part in parts:
+            part.fwd_bwd()
+
+    def fwd() -> None:
+        for part in parts:
+            part.fwd()
+
+    return _FloorPart(variant, fwd_bwd, fwd, [t for part in parts for t in part.grads])
 
 
 def _floor_rows(x: torch.Tensor, rat: RAT, groups: int, chunk_size: int) -> list[dict]:
     """The floor's parts at x's shape (projections, inter-chunk attention, recurrence, each at the
-    speed of the best kernel we have for it; see :func:`_attention_floors`) and their sums:
-    ``floor`` with the causal attention, ``floor_noncausal_half`` with the lower bound."""
+    speed of the best kernel we have for it; see :func:`_attention_floors`) and three floors:
+
+    - ``floor``: the sum of the parts' times, each part timed alone, with the causal attention;
+    - ``floor_noncausal_half``: the same with the attention's lower bound;
+    - ``floor_in_sequence``: projections, causal attention and recurrence run back to back in one
+      timed call, as a layer runs them. A layer's step draws the H100's full power (700 W): its GEMMs
+      hold the SM clock near 1.45 GHz, and the attention after them runs at that clock, while alone it
+      draws less and runs faster. This floor prices the parts at the clock the layer gets.
+    """
     batch, length, d_model = x.shape
     heads = rat.n_heads
     causal, noncausal_half = _attention_floors(batch, length, heads, d_model // heads, chunk_size, x.dtype)
     projections = _projections_floor(x, rat)
     recurrence = _recurrence_floor(x, heads, groups, chunk_size)
+    parts = [part.timed() for part in (projections, causal, noncausal_half, recurrence)]
+    sequence = _in_sequence("floor_in_sequence", [projections, causal, recurrence]).timed()
+    del projections, causal, noncausal_half, recurrence
     torch.cuda.empty_cache()
     times = ("fwd_bwd_ms", "fwd_ms")
+    projections, causal, noncausal_half, recurrence = parts
     totals = [
         {"variant": name, **{key: projections[key] + attention[key] + recurrence[key] for key in times}}
         for name, attention in (("floor", causal), ("floor_noncausal_half", noncausal_half))
     ]
-    return [projections, causal, noncausal_half, recurrence, *totals]
+    return [*parts, *totals, sequence]
 
 
 def _no_grad(fn: Callable[[], object]) -> Callable[[], None]:
@@ -224,7 +268,7 @@ def floor_ratios(rows: list[dict]) -> list[str]:
     lines = []
     for length in sorted({row["T"] for row in rows}):
         at = {row["variant"]: row for row in rows if row["T"] == length}
-        for name in ("floor", "floor_noncausal_half"):
+        for name in ("floor", "floor_in_sequence", "floor_noncausal_half"):
             if "rat" in at and name in at:
                 rat, floor = at["rat"], at[name]
                 lines.append(f"{length:>7} rat / {name}: fwd+bwd {rat['fwd_bwd_ms'] / floor['fwd_bwd_ms']:.3f}x "

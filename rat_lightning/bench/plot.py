@@ -25,7 +25,7 @@ def plot_layer(path: str, out: str) -> None:
     rows = json.load(open(path))
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     measured = (("rat", "o-"), ("attention_sdpa", "o-"), ("rat_reference_compiled", "o-"), ("floor", "s--"),
-                ("floor_noncausal_half", "s:"))  # fmt: skip
+                ("floor_in_sequence", "d--"), ("floor_noncausal_half", "s:"))  # fmt: skip
     for variant, style in measured:
         # NaN (out of memory) never equals itself: those points are left out.
         timed = [r for r in rows if r["variant"] == variant and r["fwd_bwd_ms"] == r["fwd_bwd_ms"]]

@@ -12,6 +12,7 @@ def test_floor_ratios_divide_rat_by_each_floor_of_its_length():
         _row(4096, "rat", 55.0, 18.0),
         _row(4096, "floor", 50.0, 15.0),
         _row(4096, "floor_noncausal_half", 44.0, 12.0),
+        _row(4096, "floor_in_sequence", 52.0, 16.0),
         _row(65536, "rat", 88.0, 24.0),
         _row(65536, "floor", 80.0, 20.0),
         # No floor measured at this length: no line for it.
@@ -20,6 +21,7 @@ def test_floor_ratios_divide_rat_by_each_floor_of_its_length():
     lines = floor_ratios(rows)
     assert lines == [
         "   4096 rat / floor: fwd+bwd 1.100x (55.0 / 50.0 ms), prefill 1.200x",
+        "   4096 rat / floor_in_sequence: fwd+bwd 1.058x (55.0 / 52.0 ms), prefill 1.125x",
         "   4096 rat / floor_noncausal_half: fwd+bwd 1.250x (55.0 / 44.0 ms), prefill 1.500x",
         "  65536 rat / floor: fwd+bwd 1.100x (88.0 / 80.0 ms), prefill 1.200x",
     ]
