@@ -30,14 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from rat_lightning.bench.report import write_report
+from rat_lightning.bench.timing import median_ms
 from rat_lightning.ops.chunk_attention import chunk_attention
 from rat_lightning.ops.chunk_attention.reference import chunk_attention_reference
 
 
-def _time(fn: Callable[[], object], warmup: int = 10, rep: int = 50) -> float:
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+def _time(fn: Callable[[], object]) -> float:
+    return median_ms(fn, torch.device("cuda"), warmup=10, rep=50)
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

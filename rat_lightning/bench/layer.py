@@ -2,7 +2,9 @@
 
 The configuration of the kernels issue: d_model 2048, 16 heads of 128, G=2, L=16, bf16,
 262,144 tokens per step, T in {4K, 16K, 64K, 128K}. Times are medians of
-``triton.testing.do_bench`` (warm-up excluded). The floor is measured in the same run: the
+``triton.testing.do_bench`` in the GPU's steady state (a second of warm-up excluded, then two
+seconds of runs), each row with the mean SM clock and power while it was timed where NVML can
+tell (on an H100 a layer step runs at the power cap, near 1.5 GHz). The floor is measured in the same run: the
 projections' GEMMs, the inter-chunk attention at the fastest library kernel (cuDNN where it runs)
 and the fused recurrence, each alone, ``floor`` their sum, and ``floor_in_sequence`` the three run
 back to back in one timed call (the GPU's power cap clocks them then as it clocks the layer); the
@@ -22,20 +24,16 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from rat_lightning.bench.timing import ClockSampler, median_ms
 from rat_lightning.layers import RAT, Attention
 
 
-def _time(
-    fn: Callable[[], object], warmup: int = 10, rep: int = 50, grad_to_none: list[torch.Tensor] | None = None
-) -> float:
-    """Median ms of ``fn``; the ``.grad`` of ``grad_to_none`` is reset before each call, so a
-    backward writes the gradients instead of adding to the last call's (an add that is the
-    harness's, not the layer's: 1.1 ms per step for x.grad at 262K tokens x 2048)."""
-    import triton.testing
-
-    return float(
-        triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
-    )
+def _time(fn: Callable[[], object], grad_to_none: list[torch.Tensor] | None = None) -> float:
+    """Median ms of ``fn`` in the GPU's steady state (:func:`median_ms`): a second of warm-up, then two
+    of timed runs (17 or more at 128K). A layer step draws the H100's full power, and the clock
+    settles under its power cap only after the first few hundred milliseconds: fewer runs, as this
+    benchmark took before 2026-11-24 (one timed run of a 50 ms step), catch the clock still high."""
+    return median_ms(fn, torch.device("cuda"), warmup=1000, rep=2000, grad_to_none=grad_to_none)
 
 
 def _fwd_bwd(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -49,10 +47,10 @@ def _fwd_bwd(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
 
 
 @dataclass
-class _FloorPart:
-    """One part of the floor as closures: ``fwd_bwd`` and ``fwd`` (no grad) run it once, ``grads``
-    are the tensors whose ``.grad`` is reset before each call, and its time is ``scale`` x the
-    measured one (the non-causal attention's half)."""
+class _Workload:
+    """A layer or a part of the floor as closures: ``fwd_bwd`` and ``fwd`` (no grad) run it once,
+    ``grads`` are the tensors whose ``.grad`` is reset before each call, and its time is ``scale``
+    x the measured one (the non-causal attention's half)."""
 
     variant: str
     fwd_bwd: Callable[[], None]
@@ -62,13 +60,21 @@ class _FloorPart:
     scale: float = 1.0
 
     def timed(self) -> dict:
-        """The part's row: forward+backward and forward ms, each timed alone."""
-        row = {"variant": self.variant, "fwd_bwd_ms": _time(self.fwd_bwd, grad_to_none=self.grads) * self.scale,
-               "fwd_ms": _time(self.fwd) * self.scale}  # fmt: skip
+        """Its row: forward+backward and forward ms, each timed alone, and the mean SM clock and
+        power during the forward+backward timing, warm-up included, where NVML can tell
+        (:class:`ClockSampler`)."""
+        # One run first, so that compiling (Triton, cuDNN plans) happens outside the clock's samples.
+        self.fwd_bwd()
+        for tensor in self.grads:
+            tensor.grad = None
+        with ClockSampler() as clocks:
+            fwd_bwd = _time(self.fwd_bwd, grad_to_none=self.grads) * self.scale
+        row = {"variant": self.variant, "fwd_bwd_ms": fwd_bwd, "fwd_ms": _time(self.fwd) * self.scale,
+               **clocks.result()}  # fmt: skip
         return row if self.kernel is None else {**row, "kernel": self.kernel}
 
 
-def _projections_floor(x: torch.Tensor, rat: RAT) -> _FloorPart:
+def _projections_floor(x: torch.Tensor, rat: RAT) -> _Workload:
     """The layer's GEMMs alone: the packed in-projection and the out-projection, with a given upstream
     gradient (a ``.sum().backward()`` would time a stride-0 gradient's copy with them)."""
     d_model = x.shape[-1]
@@ -79,12 +85,12 @@ def _projections_floor(x: torch.Tensor, rat: RAT) -> _FloorPart:
     def forward() -> torch.Tensor:
         return F.linear(F.linear(x, w_in)[..., :d_model], w_out)
 
-    return _FloorPart("floor_projections", lambda: forward().backward(grad), _no_grad(forward), [x, w_in, w_out])
+    return _Workload("floor_projections", lambda: forward().backward(grad), _no_grad(forward), [x, w_in, w_out])
 
 
 def _attention_floors(
     batch: int, length: int, heads: int, dim: int, chunk_size: int, dtype: torch.dtype
-) -> tuple[_FloorPart, _FloorPart]:
+) -> tuple[_Workload, _Workload]:
     """The inter-chunk attention's FLOPs (T queries over the T/L chunk summaries, causal) at the
     fastest library kernel, in one call each:
 
@@ -115,7 +121,7 @@ def _attention_floors(
             o, lse = attention_with_lse(q, k, v, scale)
             attention_with_lse_backward(grad, q, k, v, o, lse.contiguous(), scale)
 
-        causal = _FloorPart("floor_chunk_attention", cudnn_fwd_bwd, lambda: attention_with_lse(q, k, v, scale),
+        causal = _Workload("floor_chunk_attention", cudnn_fwd_bwd, lambda: attention_with_lse(q, k, v, scale),
                             kernel="cudnn, regrouped GQA")  # fmt: skip
     else:
         q, k, v = (randn(batch * chunk_size, heads, chunks, dim, grad=True) for _ in range(3))
@@ -124,7 +130,7 @@ def _attention_floors(
         def sdpa() -> torch.Tensor:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-        causal = _FloorPart("floor_chunk_attention", lambda: sdpa().backward(grad), _no_grad(sdpa), [q, k, v], "sdpa")
+        causal = _Workload("floor_chunk_attention", lambda: sdpa().backward(grad), _no_grad(sdpa), [q, k, v], "sdpa")
     # Names of their own: the closures above are called after this point.
     queries, full_grad = randn(batch, heads, length, dim, grad=True), randn(batch, heads, length, dim)
     keys, values = randn(batch, heads, chunks, dim, grad=True), randn(batch, heads, chunks, dim, grad=True)
@@ -132,12 +138,12 @@ def _attention_floors(
     def full() -> torch.Tensor:
         return F.scaled_dot_product_attention(queries, keys, values)
 
-    noncausal_half = _FloorPart("floor_chunk_attention_noncausal_half", lambda: full().backward(full_grad),
+    noncausal_half = _Workload("floor_chunk_attention_noncausal_half", lambda: full().backward(full_grad),
                                 _no_grad(full), [queries, keys, values], "sdpa", scale=0.5)  # fmt: skip
     return causal, noncausal_half
 
 
-def _recurrence_floor(x: torch.Tensor, heads: int, groups: int, chunk_size: int) -> _FloorPart:
+def _recurrence_floor(x: torch.Tensor, heads: int, groups: int, chunk_size: int) -> _Workload:
     """The fused recurrence alone (restart form, x and k, shared gate), forward+backward."""
     from rat_lightning.ops import gated_recurrence
 
@@ -151,11 +157,11 @@ def _recurrence_floor(x: torch.Tensor, heads: int, groups: int, chunk_size: int)
     def forward() -> tuple[torch.Tensor, torch.Tensor]:
         return gated_recurrence(xs, gs, ks, gate_bias=bias, chunk_size=chunk_size)
 
-    return _FloorPart("floor_recurrence", lambda: torch.autograd.backward(forward(), grads), _no_grad(forward),
+    return _Workload("floor_recurrence", lambda: torch.autograd.backward(forward(), grads), _no_grad(forward),
                       [xs, gs, ks, bias])  # fmt: skip
 
 
-def _in_sequence(variant: str, parts: list[_FloorPart]) -> _FloorPart:
+def _in_sequence(variant: str, parts: list[_Workload]) -> _Workload:
     """The parts run back to back in one timed call."""
     def fwd_bwd() -> None:
         for part in parts:
@@ -165,7 +171,7 @@ def _in_sequence(variant: str, parts: list[_FloorPart]) -> _FloorPart:
         for part in parts:
             part.fwd()
 
-    return _FloorPart(variant, fwd_bwd, fwd, [t for part in parts for t in part.grads])
+    return _Workload(variant, fwd_bwd, fwd, [t for part in parts for t in part.grads])
 
 
 def _floor_rows(x: torch.Tensor, rat: RAT, groups: int, chunk_size: int) -> list[dict]:
@@ -249,14 +255,14 @@ def bench_layer(
             reference.load_state_dict(rat.state_dict())
             variants["rat_reference_compiled"] = torch.compile(reference)
         for name, module in variants.items():
+            workload = _Workload(name, _fwd_bwd(module, x), _no_grad(partial(module, x)), [x, *module.parameters()])
             try:
-                fwd_bwd = _time(_fwd_bwd(module, x), grad_to_none=[x, *module.parameters()])
-                fwd = _time(_no_grad(partial(module, x)))
+                row = workload.timed()
             except torch.OutOfMemoryError:
-                fwd_bwd = fwd = float("nan")
+                row = {"variant": name, "fwd_bwd_ms": float("nan"), "fwd_ms": float("nan")}
             x.grad = None
             torch.cuda.empty_cache()
-            rows.append({"T": length, "batch": batch, "variant": name, "fwd_bwd_ms": fwd_bwd, "fwd_ms": fwd})
+            rows.append({"T": length, "batch": batch, **row})
         rows += [{"T": length, "batch": batch, **row} for row in _floor_rows(x, rat, groups, chunk_size)]
         del x, variants, rat, attention
         torch.cuda.empty_cache()
@@ -291,7 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = bench_layer(baselines=baselines, rat_backends=backends)
     for row in rows:
         fwd = row.get("fwd_ms", float("nan"))
-        print(f"{row['T']:>7} {row['variant']:<38} fwd+bwd {row['fwd_bwd_ms']:8.2f} ms  fwd {fwd:8.2f} ms")
+        clock = f"  {row['sm_mhz']:5.0f} MHz {row['power_w']:4.0f} W" if "sm_mhz" in row else ""
+        print(f"{row['T']:>7} {row['variant']:<38} fwd+bwd {row['fwd_bwd_ms']:8.2f} ms  fwd {fwd:8.2f} ms{clock}")
     for line in floor_ratios(rows):
         print(line)
     if argv:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from rat_lightning.bench.report import write_report
+from rat_lightning.bench.timing import median_ms
 from rat_lightning.ops import gated_recurrence
 
 # Tokens of the correctness check (a slice of the timed inputs, fp32 reference).
@@ -30,9 +31,7 @@ _CHECK_RTOL = 2e-2
 
 
 def _time(fn: Callable[[], object], grad_to_none: list[torch.Tensor] | None = None) -> float:
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"))
+    return median_ms(fn, torch.device("cuda"), warmup=25, rep=100, grad_to_none=grad_to_none)
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
