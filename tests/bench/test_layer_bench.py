@@ -25,3 +25,23 @@ def test_floor_ratios_divide_rat_by_each_floor_of_its_length():
         "   4096 rat / floor_noncausal_half: fwd+bwd 1.250x (55.0 / 44.0 ms), prefill 1.500x",
         "  65536 rat / floor: fwd+bwd 1.100x (88.0 / 80.0 ms), prefill 1.200x",
     ]
+
+
+def test_plot_names_the_gpu_and_leaves_out_rows_that_ran_out_of_memory(tmp_path):
+    import json
+
+    import matplotlib.pyplot as plt
+
+    from rat_lightning.bench.plot import plot_layer
+
+    rows = [_row(4096, "rat", 55.0, 18.0), _row(65536, "rat", 88.0, 24.0), _row(131072, "rat", float("nan"), 30.0)]
+    path = tmp_path / "layer.json"
+    path.write_text(json.dumps(rows))
+    fig = plot_layer(str(path), str(tmp_path / "layer.png"), gpu="H200")
+    try:
+        assert fig.axes[0].get_title().endswith("bf16, H200")
+        rat = next(line for line in fig.axes[0].get_lines() if line.get_label().startswith("rat "))
+        assert list(rat.get_xdata()) == [4096, 65536]
+        assert (tmp_path / "layer.png").stat().st_size > 0
+    finally:
+        plt.close(fig)
