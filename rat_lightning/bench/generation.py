@@ -17,8 +17,11 @@ Protocol (the paper's: a 3,072-token prompt, 1,024 generated tokens, the largest
 - Decode: ``--new-tokens`` greedy steps of ``model.step`` for the whole batch (caches with room
   reserved, so no step copies the past), after a warm-up of ``--warmup`` steps on the micro-batch
   caches (Triton compiles there). Tokens/s = batch x new tokens / wall time of the loop.
-- Bound: a decoding step reads at least the weights and every sequence's cache; at the measured
-  copy bandwidth that is the floor of a step, reported beside the measured step time.
+- Floor of a step: every sequence's cache read once at the measured copy bandwidth, plus the
+  matmuls, each at the larger of its weights' read time and its FLOPs at the dense bf16 peak
+  (at RAT's batch the matmuls are compute-bound: 2 x 1.3B x 2752 FLOPs are 7.3 ms on an H200).
+  The kernels run one after another, so the two add. ``step_floor_bytes_ms`` is the bytes alone
+  (weights and caches), the floor reported before 2026-12-03.
 - End to end: prefill of the whole batch (micro-batches x the measured time) plus decoding.
 
 ``--smoke`` runs the same code on a tiny model (CPU is fine; used by the tests).
@@ -34,7 +37,7 @@ from collections.abc import Sequence
 import torch
 
 from rat_lightning.bench.decode import copy_bandwidth
-from rat_lightning.bench.report import write_report
+from rat_lightning.bench.report import peak_bf16_flops, write_report
 from rat_lightning.layers.cache import repeat_cache
 from rat_lightning.model import ModelConfig, RATLanguageModel
 
@@ -124,7 +127,8 @@ def measure(
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     # Mean cache bytes one step reads per sequence, over the decoded positions.
     read = sum(model.cache_bytes(t, torch.bfloat16, read=True) for t in range(prompt_len + 1, total + 1)) / new_tokens
-    floor_s = (weight_bytes + batch * read) / bandwidth
+    matmul_s = 2 * model.num_matmul_parameters() * batch / peak_bf16_flops(device)
+    floor_s = batch * read / bandwidth + max(weight_bytes / bandwidth, matmul_s)
     step_s = decode_s / new_tokens
     prefill_total_s = prefill_s * batch / micro
     return {
@@ -134,6 +138,7 @@ def measure(
         "prefill_ms_per_micro_batch": prefill_s * 1e3, "prefill_tokens_per_s": micro * prompt_len / prefill_s,
         "decode_s": decode_s, "decode_tokens_per_s": batch * new_tokens / decode_s,
         "step_ms": step_s * 1e3, "step_floor_ms": floor_s * 1e3, "frac_of_floor": floor_s / step_s,
+        "step_floor_bytes_ms": (weight_bytes + batch * read) / bandwidth * 1e3, "matmul_ms_at_peak": matmul_s * 1e3,
         "end_to_end_s": prefill_total_s + decode_s,
         "end_to_end_new_tokens_per_s": batch * new_tokens / (prefill_total_s + decode_s),
         "max_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,

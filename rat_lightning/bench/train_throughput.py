@@ -22,16 +22,9 @@ import json
 import torch
 
 from rat_lightning.bench.layer_profile import group_totals, profile_kernels
+from rat_lightning.bench.report import peak_bf16_flops
 from rat_lightning.model import ModelConfig, RATLanguageModel
 from rat_lightning.model.loss import cross_entropy_sum
-
-# Dense (not sparse) bf16 tensor peaks; the H100 SXM's is the datasheet's 989 TFLOP/s.
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
-
-
-def _peak() -> float:
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16.items() if k in name), 989e12)
 
 
 def measure(
@@ -107,7 +100,7 @@ def measure(
                 "mixer": mixer, "backend": backend, "compile": compile, "batch": batch, "accumulate": accumulate,
                 "seq_len": seq_len, "n_layers": n_layers, "recompute": recompute,
                 "params": model.num_parameters(), "step_s": seconds, "tokens_per_s": tokens_per_s,
-                "flops_per_token": flops, "mfu": flops * tokens_per_s / _peak(),
+                "flops_per_token": flops, "mfu": flops * tokens_per_s / peak_bf16_flops(),
                 "max_memory_gb": torch.cuda.max_memory_allocated() / 1e9, **extra,
             }  # fmt: skip
         except torch.OutOfMemoryError:

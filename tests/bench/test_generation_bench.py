@@ -17,4 +17,8 @@ def test_smoke_run_reports_both_models(tmp_path):
     assert rat["cache_bytes_per_sequence"] == 2 * (30 // 4) * 2 * 32 * 2 + 2 * 2 * 32 * 4
     assert attention["cache_bytes_per_sequence"] == 2 * 30 * 2 * 32 * 2
     assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in rows)
+    # The floor adds the matmuls at the larger of their weights' read time and their FLOPs at peak.
+    for r in rows:
+        assert r["matmul_ms_at_peak"] > 0
+        assert r["step_floor_ms"] >= max(r["step_floor_bytes_ms"], r["matmul_ms_at_peak"])
     assert "RAT / attention decode throughput" in format_table(rows)

@@ -63,6 +63,8 @@ class DecodeConfig(NamedTuple):
 # 24 configs, docs/benchmarks/decode_sweep_h100.json): tiles of 32 summaries at 2 warps reach 94%
 # of the HBM bound at 4K (B = 4096) and 93% at 64K (B = 476); 4 warps, the first guess, 77-78%.
 # The fp32 cache is at the bound with (32, 4, 2) already (docs/benchmarks/decode_h100.json).
+# With V loaded beside K (2026-12-03, H200, docs/benchmarks/decode_probe_h200.json, 9 configs x 3
+# rounds) (32, 2, 1) stays best at 64K (96% of the bound) and is 1% behind (16, 2, 1) at 4K (93%).
 CONFIGS = {
     "decode": DecodeConfig(32, 2, 1),
     "decode_fp32": DecodeConfig(32, 4, 2),
@@ -170,13 +172,15 @@ def chunk_attention_decode_kernel(
         m_j = o_j < C
         m_jp = m_j[:, None] & m_p[None, :]
         b_k = tl.load(k_bh + o_j.to(tl.int64)[:, None] * stride_kc + o_kp, mask=m_jp, other=0.0).to(tl.float32)
+        # V is loaded with K, before the scores need K: both tiles are in flight at once (one
+        # memory latency per tile instead of two; H200, B = 4096: 85% -> 93% of the copy bound at 4K).
+        b_v = tl.load(v_bh + o_j.to(tl.int64)[:, None] * stride_vc + o_vp, mask=m_jp, other=0.0).to(tl.float32)
         b_s = tl.where(m_j, tl.sum(b_k * b_qr[None, :], 1), float("-inf"))
         # Every tile of a split has a key j < C, so b_m_new is finite.
         b_m_new = tl.maximum(b_m, tl.max(b_s, 0))
         b_alpha = tl.exp2(b_m - b_m_new)
         b_p = tl.exp2(b_s - b_m_new)
         b_l = b_l * b_alpha + tl.sum(b_p, 0)
-        b_v = tl.load(v_bh + o_j.to(tl.int64)[:, None] * stride_vc + o_vp, mask=m_jp, other=0.0).to(tl.float32)
         b_acc = b_acc * b_alpha + tl.sum(b_p[:, None] * b_v, 0)
         b_m = b_m_new
 
