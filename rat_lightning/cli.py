@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from rat_lightning.errors import ConfigError

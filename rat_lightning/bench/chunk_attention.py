@@ -35,8 +35,8 @@ from rat_lightning.ops.chunk_attention import chunk_attention
 from rat_lightning.ops.chunk_attention.reference import chunk_attention_reference
 
 
-def _time(fn: Callable[[], object]) -> float:
-    return median_ms(fn, torch.device("cuda"), warmup=10, rep=50)
+def _time(fn: Callable[[], object], device: torch.device) -> float:
+    return median_ms(fn, device, warmup=10, rep=50)
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -117,7 +117,7 @@ def _sdpa_floor(
         out = attend(floor_keys, floor_values, gqa)
         torch.autograd.grad(out, (queries, floor_keys, floor_values), grad)
 
-    return {"fwd_ms": _time(forward), "fwd_bwd_ms": _time(forward_backward)}, key_mode
+    return {"fwd_ms": _time(forward, q.device), "fwd_bwd_ms": _time(forward_backward, q.device)}, key_mode
 
 
 def bench_chunk_attention(
@@ -128,6 +128,7 @@ def bench_chunk_attention(
     chunk_size: int = 16,
     seq_lens: tuple[int, ...] = (4096, 16384, 65536, 131072),
     dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cuda",
 ) -> list[dict]:
     """Check and time the Triton chunk attention and the flash floor at each sequence length.
 
@@ -137,6 +138,8 @@ def bench_chunk_attention(
         chunk_size: L.
         seq_lens: the values of T (each a multiple of L dividing ``tokens``).
         dtype: input dtype.
+        device: where to run (a CPU run is a smoke test: the kernels run under TRITON_INTERPRET=1,
+            and the SDPA floors, which need CUDA kernels, report NaN).
 
     Returns:
         One dict per (T, variant) with ``T``, ``batch``, ``variant`` (``"triton"`` or
@@ -144,50 +147,59 @@ def bench_chunk_attention(
         inter-chunk products, 4 * B * H * P * sum_t c(t), over the forward time), and for
         ``"triton"`` the check errors, for ``"flash_floor"`` ``floor_keys``.
     """
-    device = torch.device("cuda")
-    rows = []
-    for length in seq_lens:
-        batch = tokens // length
-        k, v, gate = (torch.randn(batch, length, heads, head_dim, device=device, dtype=dtype) for _ in range(3))
-        q = torch.randn(batch, length, groups, head_dim, device=device, dtype=dtype)
-        errors = check_against_reference(q, k, v, gate, chunk_size)
+    device = torch.device(device)
+    return [row for length in seq_lens for row in _bench_length(length, tokens // length, heads, groups, head_dim,
+                                                                  chunk_size, dtype, device)]  # fmt: skip
+
+
+def _time_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, chunk_size: int
+) -> tuple[float, float]:
+    """Forward and forward+backward ms of the Triton chunk attention (random upstream gradient)."""
+    leaves = [x.detach().requires_grad_() for x in (q, k, v, gate)]
+    grad = torch.randn_like(k)
+
+    def forward() -> None:
+        with torch.no_grad():
+            chunk_attention(q, k, v, chunk_size, gate=gate, backend="triton")
+
+    def forward_backward() -> None:
+        out = chunk_attention(*leaves[:3], chunk_size, gate=leaves[3], backend="triton")
+        torch.autograd.grad(out, leaves, grad)
+
+    return _time(forward, q.device), _time(forward_backward, q.device)
+
+
+def _bench_length(
+    length: int, batch: int, heads: int, groups: int, head_dim: int, chunk_size: int, dtype: torch.dtype,
+    device: torch.device,
+) -> list[dict]:  # fmt: skip
+    """The rows of :func:`bench_chunk_attention` at one T; its tensors are freed on return."""
+    k, v, gate = (torch.randn(batch, length, heads, head_dim, device=device, dtype=dtype) for _ in range(3))
+    q = torch.randn(batch, length, groups, head_dim, device=device, dtype=dtype)
+    errors = check_against_reference(q, k, v, gate, chunk_size)
+    torch.cuda.empty_cache()
+    chunks = length // chunk_size
+    # sum over t of c(t) = L * C (C - 1) / 2 plus the tail of a partial last chunk.
+    visible = chunk_size * chunks * (chunks - 1) // 2 + (length - chunks * chunk_size) * chunks
+    flops = 4 * batch * heads * head_dim * visible
+    fwd, fwd_bwd = _time_triton(q, k, v, gate, chunk_size)
+    rows = [{
+        "T": length, "batch": batch, "variant": "triton", "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd,
+        "fwd_tflops": flops / fwd / 1e9, "check_rel_err": errors,
+    }]  # fmt: skip
+    torch.cuda.empty_cache()
+    # The floor's queries are per head (k stands in): the same FLOPs as our grouped ones.
+    for variant, kernel in (("flash_floor", "FLASH_ATTENTION"), ("cudnn_floor", "CUDNN_ATTENTION")):
+        try:
+            floor, key_mode = _sdpa_floor(k, k, v, chunk_size, kernel)
+        except (RuntimeError, torch.OutOfMemoryError) as error:
+            floor, key_mode = {"fwd_ms": float("nan"), "fwd_bwd_ms": float("nan")}, f"failed: {error}"[:200]
         torch.cuda.empty_cache()
-        chunks = length // chunk_size
-        # sum over t of c(t) = L * C (C - 1) / 2 plus the tail of a partial last chunk.
-        visible = chunk_size * chunks * (chunks - 1) // 2 + (length - chunks * chunk_size) * chunks
-        flops = 4 * batch * heads * head_dim * visible
-
-        leaves = [x.requires_grad_() for x in (q, k, v, gate)]
-        grad = torch.randn_like(k)
-
-        def forward() -> None:
-            with torch.no_grad():
-                chunk_attention(q, k, v, chunk_size, gate=gate, backend="triton")
-
-        def forward_backward() -> None:
-            out = chunk_attention(*leaves[:3], chunk_size, gate=leaves[3], backend="triton")
-            torch.autograd.grad(out, leaves, grad)
-
-        fwd = _time(forward)
         rows.append({
-            "T": length, "batch": batch, "variant": "triton", "fwd_ms": fwd, "fwd_bwd_ms": _time(forward_backward),
-            "fwd_tflops": flops / fwd / 1e9, "check_rel_err": errors,
+            "T": length, "batch": batch, "variant": variant, **floor,
+            "fwd_tflops": flops / floor["fwd_ms"] / 1e9, "floor_keys": key_mode,
         })  # fmt: skip
-        del grad, leaves
-        torch.cuda.empty_cache()
-        # The floor's queries are per head (k stands in): the same FLOPs as our grouped ones.
-        for variant, kernel in (("flash_floor", "FLASH_ATTENTION"), ("cudnn_floor", "CUDNN_ATTENTION")):
-            try:
-                floor, key_mode = _sdpa_floor(k.detach(), k.detach(), v.detach(), chunk_size, kernel)
-            except (RuntimeError, torch.OutOfMemoryError) as error:
-                floor, key_mode = {"fwd_ms": float("nan"), "fwd_bwd_ms": float("nan")}, f"failed: {error}"[:200]
-            torch.cuda.empty_cache()
-            rows.append({
-                "T": length, "batch": batch, "variant": variant, **floor,
-                "fwd_tflops": flops / floor["fwd_ms"] / 1e9, "floor_keys": key_mode,
-            })  # fmt: skip
-        del q, k, v, gate
-        torch.cuda.empty_cache()
     return rows
 
 

@@ -24,8 +24,9 @@ Times are medians of ``triton.testing.do_bench``. Run on a GPU:
 
 ``--sweep`` also times the decode kernel's launch configurations at every (T, dtype) for the
 full batch and records them (for ``decode.CONFIGS``); it adds a few minutes, so run it
-on its own if needed (``--sweep --contexts 65536 --out ...``). ``--smoke`` runs every code path at toy sizes; without CUDA
-it sets TRITON_INTERPRET=1 (before triton is imported) and runs the kernel under the interpreter.
+on its own if needed (``--sweep --contexts 65536 --out ...``). ``--smoke`` runs every code path at toy
+sizes; without CUDA it sets TRITON_INTERPRET=1 (before triton is imported) and runs the kernel under
+the interpreter.
 """
 
 from __future__ import annotations
@@ -219,8 +220,10 @@ def bench_attention(
                 except RuntimeError as error:
                     notes[backend] = str(error)[:200]
             best = min(times, key=times.get)
-            rows.append(_row("attention_sdpa", context, torch.bfloat16, n, times[best], bytes_per_token, bandwidth,
-                             sdpa_backend=best, sdpa_ms=times, sdpa_notes=notes, heads=heads, head_dim=head_dim))  # fmt: skip
+            rows.append(_row(
+                "attention_sdpa", context, torch.bfloat16, n, times[best], bytes_per_token, bandwidth,
+                sdpa_backend=best, sdpa_ms=times, sdpa_notes=notes, heads=heads, head_dim=head_dim,
+            ))  # fmt: skip
     return rows
 
 
@@ -274,7 +277,10 @@ def format_table(result: dict) -> str:
         )
     if result["sweep"]:
         lines.append("sweep (best 3 per context, dtype, batch):")
-        key = lambda r: (r["context"], r["dtype"], r["batch"])
+
+        def key(row: dict) -> tuple:
+            return row["context"], row["dtype"], row["batch"]
+
         timed = sorted((r for r in result["sweep"] if "ms" in r), key=lambda r: (*key(r), r["ms"]))
         for group, members in itertools.groupby(timed, key=key):
             best = ", ".join(f"{tuple(m['config'].values())} {m['ms']:.3f} ms" for m in list(members)[:3])

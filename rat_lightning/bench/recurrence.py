@@ -30,8 +30,8 @@ _CHECK_TOKENS = 65_536
 _CHECK_RTOL = 2e-2
 
 
-def _time(fn: Callable[[], object], grad_to_none: list[torch.Tensor] | None = None) -> float:
-    return median_ms(fn, torch.device("cuda"), warmup=25, rep=100, grad_to_none=grad_to_none)
+def _time(fn: Callable[[], object], device: torch.device, grad_to_none: list[torch.Tensor] | None = None) -> float:
+    return median_ms(fn, device, warmup=25, rep=100, grad_to_none=grad_to_none)
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -93,8 +93,8 @@ def _fla_hgrn_rows(x: torch.Tensor, g: torch.Tensor, k: torch.Tensor, chunk_size
                 out, _ = kernel(vf, gf)
                 out.backward(upstream)
 
-            rows.append({"impl": name, "form": form, "T": length, "batch": batch, "fwd_ms": _time(forward),
-                         "fwd_bwd_ms": _time(forward_backward, grad_to_none=[vf, gf])})  # fmt: skip
+            rows.append({"impl": name, "form": form, "T": length, "batch": batch, "fwd_ms": _time(forward, x.device),
+                         "fwd_bwd_ms": _time(forward_backward, x.device, grad_to_none=[vf, gf])})  # fmt: skip
     return rows
 
 
@@ -107,6 +107,7 @@ def bench_recurrence(
     dtype: torch.dtype = torch.bfloat16,
     chunk_size: int = 16,
     fla_seq_lens: tuple[int, ...] = (4096,),
+    device: str | torch.device = "cuda",
 ) -> list[dict]:
     """Check and time the Triton recurrence per sequence length, restart and full-sequence forms,
     and flash-linear-attention's HGRN at ``fla_seq_lens`` when it is installed.
@@ -117,12 +118,13 @@ def bench_recurrence(
         seq_lens: the T values; batch = tokens // T.
         dtype: input dtype.
         chunk_size: L of the restart form.
+        device: where to run (a CPU run is a smoke test: the kernels run under TRITON_INTERPRET=1).
 
     Returns:
         One dict per (T, form): ``fwd_ms``, ``fwd_bwd_ms``, model bytes and achieved GB/s for
         both, and ``max_rel_error`` against the fp32 reference (``ok`` when below 2e-2).
     """
-    device = torch.device("cuda")
+    device = torch.device(device)
     dim = d // heads
     elem = torch.tensor([], dtype=dtype).element_size()
     fwd_bytes = tokens * elem * (4 * d + groups * dim)
@@ -137,21 +139,7 @@ def bench_recurrence(
         for form, chunk in (("restart_L%d" % chunk_size, chunk_size), ("full_sequence", None)):
             error = _check(x, g, k, bias, chunk)
             torch.cuda.empty_cache()
-
-            def forward(chunk: int | None = chunk) -> None:
-                with torch.no_grad():
-                    gated_recurrence(x, g, k, gate_bias=bias, chunk_size=chunk, backend="triton")
-
-            sx0, sk0 = gated_recurrence(x, g, k, gate_bias=bias, chunk_size=chunk, backend="triton")
-            upstream = (torch.randn_like(sx0), torch.randn_like(sk0))
-            del sx0, sk0
-
-            def forward_backward(chunk: int | None = chunk) -> None:
-                out = gated_recurrence(x, g, k, gate_bias=bias, chunk_size=chunk, backend="triton")
-                torch.autograd.backward(out, upstream)
-
-            fwd_ms = _time(forward)
-            fwd_bwd_ms = _time(forward_backward, grad_to_none=[x, g, k, bias])
+            fwd_ms, fwd_bwd_ms = _time_triton(x, g, k, bias, chunk)
             rows.append({
                 "impl": "triton", "form": form, "T": length, "batch": batch, "d": d, "heads": heads,
                 "groups": groups, "dtype": str(dtype).removeprefix("torch."),
@@ -160,13 +148,33 @@ def bench_recurrence(
                 "fwd_gbps": fwd_bytes / fwd_ms / 1e6, "fwd_bwd_gbps": (fwd_bytes + bwd_bytes) / fwd_bwd_ms / 1e6,
                 "max_rel_error": error, "ok": error < _CHECK_RTOL,
             })  # fmt: skip
-            del upstream
             torch.cuda.empty_cache()
         if length in fla_seq_lens:
             rows.extend(_fla_hgrn_rows(x.detach(), g.detach(), k.detach(), chunk_size))
         del x, g, k, bias
         torch.cuda.empty_cache()
     return rows
+
+
+def _time_triton(
+    x: torch.Tensor, g: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, chunk: int | None
+) -> tuple[float, float]:
+    """Forward and forward+backward ms of the Triton recurrence (random upstream gradients; the
+    inputs' gradients reset before each run)."""
+
+    def forward() -> None:
+        with torch.no_grad():
+            gated_recurrence(x, g, k, gate_bias=bias, chunk_size=chunk, backend="triton")
+
+    with torch.no_grad():
+        states = gated_recurrence(x, g, k, gate_bias=bias, chunk_size=chunk, backend="triton")
+        upstream = tuple(torch.randn_like(state) for state in states)
+
+    def forward_backward() -> None:
+        out = gated_recurrence(x, g, k, gate_bias=bias, chunk_size=chunk, backend="triton")
+        torch.autograd.backward(out, upstream)
+
+    return _time(forward, x.device), _time(forward_backward, x.device, grad_to_none=[x, g, k, bias])
 
 
 def _table(rows: list[dict]) -> str:

@@ -32,7 +32,6 @@ import numpy as np
 
 from rat_lightning.data.atomic import atomic_copy, atomic_write_bytes, fsync_dir, make_temp
 from rat_lightning.data.errors import DataError
-from rat_lightning.errors import ConfigError
 from rat_lightning.data.tokenizer import (
     EOS_TOKEN,
     MIN_VOCAB_SIZE,
@@ -41,6 +40,7 @@ from rat_lightning.data.tokenizer import (
     tokenizer_fingerprint,
     train_tokenizer_from_iterator,
 )
+from rat_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -110,7 +110,9 @@ class Attention(Mixer):
         positions = torch.full((1,), cache.position, device=x.device)
         query, key, value = self._project(x.unsqueeze(1), positions)
         if isinstance(cache, PatternCache):
-            out, kv = pattern_attention_step(query[:, 0], key[:, 0], value[:, 0], cache.kv, self.pattern, cache.position)
+            out, kv = pattern_attention_step(
+                query[:, 0], key[:, 0], value[:, 0], cache.kv, self.pattern, cache.position
+            )
             return self.w_out(out.flatten(1)), PatternCache(kv, None, cache.position + 1)
         # A window's cache is at most W entries: concatenating and dropping the oldest is cheap.
         keys, values = (key, value) if cache.keys is None else (

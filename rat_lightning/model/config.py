@@ -88,7 +88,9 @@ class ModelConfig:
         pattern = [self.mixer] if isinstance(self.mixer, str) else list(self.mixer)
         unknown = [m for m in pattern if m not in MIXER_NAMES]
         if unknown or not pattern:
-            raise ConfigError(f"model.mixer has unknown names {unknown or pattern}; choose from {', '.join(MIXER_NAMES)}")
+            raise ConfigError(
+                f"model.mixer has unknown names {unknown or pattern}; choose from {', '.join(MIXER_NAMES)}"
+            )
         if self.n_layers % len(pattern):
             raise ConfigError(
                 f"model.mixer lists {len(pattern)} names, which does not divide model.n_layers ({self.n_layers}); "

@@ -11,7 +11,6 @@ import torch
 import yaml
 
 from rat_lightning.cli import main
-
 from tests.training.conftest import scalars, write_config
 
 

@@ -58,7 +58,9 @@ def test_rat_plus_recipes_compose_and_train(tmp_path, monkeypatch):
     corpus = Path(__file__).resolve().parents[2] / "data" / "corpus" / "alice.txt"
     prepare([str(corpus)], str(tmp_path / "data"), vocab_size=300)
     monkeypatch.chdir(tmp_path)  # the recipes write under runs/
-    common = ["--config", str(CONFIGS / "model" / "rat_plus-tiny.yaml"), "--config", str(CONFIGS / "trainer" / "cpu.yaml")]
+    common = [
+        "--config", str(CONFIGS / "model" / "rat_plus-tiny.yaml"), "--config", str(CONFIGS / "trainer" / "cpu.yaml"),
+    ]  # fmt: skip
     small = ["--data.data_dir", str(tmp_path / "data"), "--data.seq_len", "64", "--data.batch_size", "2",
              "--trainer.limit_val_batches", "1"]
     main(["fit", *common, "--config", str(CONFIGS / "experiment" / "rat_plus-pretrain.yaml"), *small,

@@ -7,9 +7,8 @@ import importlib.util
 import torch
 
 from rat_lightning.ops.backend import resolve_backend
-from rat_lightning.ops.chunk_attention.reference import chunk_attention_reference
+from rat_lightning.ops.chunk_attention.reference import chunk_attention_reference, rotate_summary
 from rat_lightning.ops.chunk_attention.reference import chunk_attention_step as chunk_attention_step_reference
-from rat_lightning.ops.chunk_attention.reference import rotate_summary
 
 __all__ = ["chunk_attention", "chunk_attention_step", "chunk_attention_step_reference", "rotate_summary"]
 
