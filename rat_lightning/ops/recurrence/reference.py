@@ -159,9 +159,21 @@ def gated_recurrence_step(
     Returns:
         new ``(sx, sk)`` in the compute dtype (fp32, or fp64 for fp64 inputs).
     """
-    a, b, v = _prepare(x.unsqueeze(1), g.unsqueeze(1), None if k is None else k.unsqueeze(1), gate_bias)
-    a, b, v = a[:, 0], b[:, 0], v[:, 0]
-    new = b * v
-    if state is not None:
-        new = new + a * _stack_state(state, new.dtype)
-    return new[:, 0], (new[:, 1] if k is not None else None)
+    compute = compute_dtype(x.dtype)
+    gf = g.to(compute)
+    if gate_bias is not None:
+        gf = gf + gate_bias.to(compute)
+    # 1 - a as sigmoid(-g), as in the parallel form. x and k are updated apart, not stacked: a
+    # decoding step is a handful of elementwise passes, and stacking copied every input and state.
+    a, b = torch.sigmoid(gf), torch.sigmoid(-gf)
+    values = (x, None if k is None else k.repeat_interleave(x.shape[1] // k.shape[1], dim=1))
+    previous = (None, None) if state is None else state
+
+    def update(value: torch.Tensor | None, last: torch.Tensor | None) -> torch.Tensor | None:
+        if value is None:
+            return None
+        new = b * value.to(compute)
+        return new if last is None else new + a * last.to(compute)
+
+    sx, sk = (update(value, last) for value, last in zip(values, previous))
+    return sx, sk
