@@ -1,10 +1,12 @@
-"""Compile the chunk-attention kernels for Hopper without a GPU and report registers and spills.
+"""Compile the chunk-attention kernels and the recurrence's step kernel for Hopper without a GPU,
+and report registers and spills.
 
     python -m rat_lightning.bench.kernel_report
 
 Builds each kernel (bf16, P = 128, 16 heads in 2 query groups, gated) at its :data:`CONFIGS`
-tiles, and the passes of the cuDNN path
-(:mod:`rat_lightning.ops.chunk_attention.regrouped`, L = 16, at their :data:`WARPS`), for sm_90
+tiles, the passes of the cuDNN path
+(:mod:`rat_lightning.ops.chunk_attention.regrouped`, L = 16, at their :data:`WARPS`) and the
+decoding step of the recurrence (:mod:`rat_lightning.ops.recurrence.step`, every form), for sm_90
 through Triton's full pipeline, with the 16-byte alignment the JIT finds at the benchmark shape,
 then runs the ptxas that ships with Triton for its register and spill report (when that ptxas
 reads Triton's PTX version). It needs no GPU, so CI runs it too: a kernel that the interpreter
@@ -21,13 +23,13 @@ import tempfile
 
 _FP32_POINTERS = ("lse", "delta", "p_cos", "p_sin", "lse_lib", "own_c", "own_p", "dq_own")
 _FLOAT_SCALARS = ("scale", "qk_scale")
-_INT_SCALARS = ("T", "C", "L", "ROWS", "NJ", "NJ_SRC")
+_INT_SCALARS = ("T", "C", "L", "ROWS", "NJ", "NJ_SRC", "R")
 
 
-def _signature(arg_names: list[str], constexprs: dict) -> dict[str, str]:
-    """Triton types of a chunk-attention kernel's arguments: bf16 tensors, fp32 statistics (and,
-    in the factored rows kernel, the fp32 factors it writes in place of dk, dv)."""
-    fp32 = _FP32_POINTERS + (("dk", "dv") if constexprs.get("FACTORED") and "dy" in arg_names else ())
+def _signature(arg_names: list[str], constexprs: dict, fp32_pointers: tuple[str, ...] = ()) -> dict[str, str]:
+    """Triton types of a kernel's arguments: bf16 tensors, fp32 statistics (and, in the factored
+    rows kernel, the fp32 factors it writes in place of dk, dv), and ``fp32_pointers``."""
+    fp32 = _FP32_POINTERS + fp32_pointers + (("dk", "dv") if constexprs.get("FACTORED") and "dy" in arg_names else ())
     types = {}
     for name in arg_names:
         if name in constexprs:
@@ -72,13 +74,13 @@ def _ptxas_report(ptx: str) -> str:
     return "no ptxas for this PTX version"
 
 
-def _compile(kernel, constexprs: dict, num_warps: int, num_stages: int = 3) -> str:
+def _compile(kernel, constexprs: dict, num_warps: int, num_stages: int = 3, fp32_pointers: tuple[str, ...] = ()) -> str:
     """ptxas's report for one kernel built for sm_90 with the benchmark's alignment."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    signature = _signature(kernel.arg_names, constexprs)
+    signature = _signature(kernel.arg_names, constexprs, fp32_pointers)
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=_aligned(signature))
     compiled = triton.compile(
         source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages}
@@ -119,6 +121,21 @@ def compile_summary_moves() -> list[tuple[str, str]]:
     return rows
 
 
+def compile_recurrence_step() -> list[tuple[str, str]]:
+    """``(form, ptxas report)`` of the recurrence's decoding step: with keys (RAT, RAT+) or
+    without (the RNN), from a previous state or at a chunk start; fp32 states and bias."""
+    from rat_lightning.ops.recurrence import step
+
+    rows = []
+    for has_k, has_state in ((True, True), (True, False), (False, True)):
+        constexprs = {"H": 16, "HPG": 8, "P": 128, "BLOCK_R": step.BLOCK_ROWS, "BLOCK_P": 128, "HAS_K": has_k,
+                      "HAS_BIAS": True, "HAS_STATE": has_state}  # fmt: skip
+        fp32 = ("bias", "sx_prev", "sk_prev", "sx", "sk")
+        report = _compile(step.recurrence_step_kernel, constexprs, 4, fp32_pointers=fp32)
+        rows.append((f"recurrence_step{' k' if has_k else ''}{' state' if has_state else ''}", report))
+    return rows
+
+
 def compile_kernels() -> list[tuple[str, str]]:
     """``(kernel and tiles, ptxas report)`` for the fwd, rows, dq and dkv kernels at every bf16 config."""
     from rat_lightning.ops.chunk_attention import triton as kernels
@@ -156,7 +173,8 @@ def main() -> None:
     """Print one line per kernel config; exits non-zero if one does not compile."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
-    for name, report in compile_kernels() + compile_summary_moves() + compile_regrouped_kernels():
+    reports = compile_kernels() + compile_summary_moves() + compile_regrouped_kernels() + compile_recurrence_step()
+    for name, report in reports:
         print(f"{name:<40} {report}", flush=True)
 
 

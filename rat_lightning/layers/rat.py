@@ -121,7 +121,7 @@ class RAT(Mixer):
         z, value, gate, query, key = split_projection(self.w_in(x), self.n_heads, self.n_groups)
         query = query.repeat_interleave(self.n_heads // self.n_groups, dim=-2)
         previous = None if cache.position % self.chunk_size == 0 else cache.state
-        sx, sk = gated_recurrence_step(value, gate, previous, key, gate_bias=self.gate_bias)
+        sx, sk = gated_recurrence_step(value, gate, previous, key, gate_bias=self.gate_bias, backend=self.backend)
         keys, values = cache.keys.data, cache.values.data
         if keys is None:
             keys = values = sx.new_zeros(sx.shape[0], 0, *sx.shape[1:])

@@ -92,7 +92,7 @@ class RATPlus(Mixer):
         gate_out, query, key, value, *gate = self._project(x)
         state = None
         if self.recurrent:
-            state = gated_recurrence_step(value, gate[0], cache.state, key)
+            state = gated_recurrence_step(value, gate[0], cache.state, key, backend=self.backend)
             value, key = state
         positions = torch.full((1,), cache.position, device=x.device)
         query = apply_rope(query.unsqueeze(1), positions, self.rope_base)[:, 0].to(x.dtype)

@@ -69,7 +69,7 @@ class GatedRNN(Mixer):
         """``(B, d_model)`` -> ``(B, d_model)``."""
         z, value, gate = (split_heads(t, self.n_heads) for t in self.w_in(x).chunk(3, dim=-1))
         previous = None if cache.state is None else (cache.state, None)
-        state, _ = gated_recurrence_step(value, gate, previous, gate_bias=self.gate_bias)
+        state, _ = gated_recurrence_step(value, gate, previous, gate_bias=self.gate_bias, backend=self.backend)
         out = (torch.sigmoid(z.to(state.dtype)) * state).to(x.dtype)
         return self.w_out(out.flatten(1)), RNNCache(state)
 

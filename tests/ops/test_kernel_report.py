@@ -1,5 +1,6 @@
-"""Every chunk-attention kernel compiles for sm_90 (no GPU needed): the interpreter runs Python
-and misses what only the compiler rejects, such as a loop-carried variable that changes type."""
+"""Every chunk-attention kernel and the recurrence's step kernel compile for sm_90 (no GPU needed):
+the interpreter runs Python and misses what only the compiler rejects, such as a loop-carried
+variable that changes type."""
 
 from __future__ import annotations
 
@@ -17,5 +18,6 @@ def test_chunk_attention_kernels_compile_for_hopper():
     assert result.returncode == 0, result.stderr[-3000:]
     kernels = ("fwd ", "fwd_long", "rows factored", "rows full", "dq ", "dq_long", "dkv ", "dkv_long")
     regrouped = tuple(f"regrouped {name} " for name in ("regroup", "merge", "prepare", "query_grads"))
-    for kernel in kernels + regrouped + ("move_summaries keys ", "move_summaries keys, values"):
+    steps = ("recurrence_step k state ", "recurrence_step k ", "recurrence_step state ")
+    for kernel in kernels + regrouped + steps + ("move_summaries keys ", "move_summaries keys, values"):
         assert kernel in result.stdout, result.stdout

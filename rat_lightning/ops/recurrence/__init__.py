@@ -9,15 +9,16 @@ import torch
 from rat_lightning.ops.backend import resolve_backend
 from rat_lightning.ops.recurrence.reference import (
     gated_recurrence_chunked,
-    gated_recurrence_step,
     gated_recurrence_stepwise,
 )
+from rat_lightning.ops.recurrence.reference import gated_recurrence_step as gated_recurrence_step_reference
 
-__all__ = ["gated_recurrence", "gated_recurrence_step", "gated_recurrence_stepwise"]
+__all__ = ["gated_recurrence", "gated_recurrence_step", "gated_recurrence_step_reference", "gated_recurrence_stepwise"]
 
 # The Triton module is imported on first use: its kernels are built (or set up for the
 # interpreter, TRITON_INTERPRET=1) when it is imported, and CPU-only installs never need it.
 _AVAILABLE = ("triton",) if importlib.util.find_spec("triton") is not None else ()
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def gated_recurrence(
@@ -75,3 +76,62 @@ def gated_recurrence(
 
         return gated_recurrence_triton(x, g, k, gate_bias, chunk_size, initial_state)
     return gated_recurrence_chunked(x, g, k, gate_bias, chunk_size, initial_state)
+
+
+def gated_recurrence_step(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    state: tuple[torch.Tensor, torch.Tensor | None] | None,
+    k: torch.Tensor | None = None,
+    gate_bias: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One decoding step ``s = a s_prev + (1 - a) v`` of the recurrence (maths: :mod:`.reference`).
+
+    Args:
+        x, g: ``(B, H, P)`` value and gate logits of the token; k: ``(B, G, P)`` or None.
+        state: the previous ``(sx, sk)`` ``(B, H, P)`` in the compute dtype (fp32; fp64 for fp64
+            inputs), sk given exactly when k is; None at a chunk start (the state restarts).
+        gate_bias: ``(H, P)`` or None.
+        backend: ``"auto"`` (the Triton step kernel on CUDA for fp16 / bf16 / fp32 inputs and fp32
+            states when no gradient is needed, else the reference), ``"reference"`` or
+            ``"triton"`` (forward only; also CPU tensors under TRITON_INTERPRET=1).
+
+    Returns:
+        ``(sx, sk)`` ``(B, H, P)`` in the compute dtype; sk is None when k is None.
+    """
+    if x.dim() != 3 or g.shape != x.shape:
+        raise ValueError(
+            f"x and g must be (batch, heads, head_dim) of one shape, got {tuple(x.shape)}, {tuple(g.shape)}"
+        )
+    k_fits = k is None or (k.dim() == 3 and (k.shape[0], k.shape[2]) == (x.shape[0], x.shape[2]))
+    if not k_fits or (k is not None and x.shape[1] % k.shape[1]):
+        raise ValueError(
+            f"k must be (batch, groups, head_dim) with heads % groups == 0; x is {tuple(x.shape)}, "
+            f"k is {tuple(k.shape)}"
+        )
+    if gate_bias is not None and gate_bias.shape != x.shape[1:]:
+        raise ValueError(f"gate_bias must be (heads, head_dim) = {tuple(x.shape[1:])}, got {tuple(gate_bias.shape)}")
+    if state is not None and (
+        state[0].shape != x.shape or (state[1] is None) != (k is None) or (k is not None and state[1].shape != x.shape)
+    ):
+        raise ValueError(
+            f"state must be (sx, sk) of shape (batch, heads, head_dim) = {tuple(x.shape)}, with sk given exactly "
+            "when k is"
+        )
+    inputs = [t for t in (x, g, k, gate_bias, *(state or ())) if t is not None]
+    states = [t for t in state or () if t is not None]
+    supported = all(t.dtype in _TRITON_DTYPES for t in inputs) and all(t.dtype == torch.float32 for t in states)
+    # The step kernel has no backward: a differentiable call takes the reference under "auto".
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    if backend == "triton" and (not supported or needs_grad):
+        raise ValueError(
+            "backend='triton' takes fp16 / bf16 / fp32 inputs with fp32 states and no gradient (it is forward-only); "
+            "use backend='auto' or 'reference'"
+        )
+    if resolve_backend(backend, x, available=_AVAILABLE if supported and not needs_grad else ()) == "triton":
+        from rat_lightning.ops.recurrence.step import gated_recurrence_step_triton
+
+        return gated_recurrence_step_triton(x, g, state, k, gate_bias)
+    return gated_recurrence_step_reference(x, g, state, k, gate_bias)
