@@ -131,7 +131,9 @@ def gated_recurrence_step(
             "use backend='auto' or 'reference'"
         )
     if resolve_backend(backend, x, available=_AVAILABLE if supported and not needs_grad else ()) == "triton":
-        from rat_lightning.ops.recurrence.step import gated_recurrence_step_triton
+        from rat_lightning.ops.recurrence.step import recurrence_step
 
-        return gated_recurrence_step_triton(x, g, state, k, gate_bias)
+        sx_prev, sk_prev = state if state is not None else (None, None)
+        sx, sk = recurrence_step(x, g, k, gate_bias, sx_prev, sk_prev)
+        return sx, (sk if k is not None else None)
     return gated_recurrence_step_reference(x, g, state, k, gate_bias)

@@ -24,7 +24,7 @@ from rat_lightning.ops.layout import rows_contiguous
 from rat_lightning.ops.recurrence.triton import _gates
 from rat_lightning.ops.triton_common import check_device, col_mask
 
-__all__ = ["BLOCK_ROWS", "gated_recurrence_step_triton", "recurrence_step"]
+__all__ = ["BLOCK_ROWS", "recurrence_step"]
 
 # Rows of P per program: 16 rows of 128 channels are 2,048 elements, 8 KB of each fp32 state.
 BLOCK_ROWS = 16
@@ -64,6 +64,7 @@ def recurrence_step_kernel(
         tl.store(sk + o_out, b_sk, mask=m)
 
 
+@torch.library.custom_op("rat_lightning::gated_recurrence_step", mutates_args=())
 def recurrence_step(
     x: torch.Tensor,
     g: torch.Tensor,
@@ -72,7 +73,7 @@ def recurrence_step(
     sx_prev: torch.Tensor | None,
     sk_prev: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the step kernel; no autograd.
+    """Launch the step kernel (the custom op ``rat_lightning::gated_recurrence_step``); no autograd.
 
     Args:
         x, g: ``(B, H, P)``; k: ``(B, G, P)`` (H % G == 0) or None; fp16, bf16 or fp32, read in
@@ -106,19 +107,7 @@ def recurrence_step(
     return sx, sk
 
 
-@torch.library.custom_op("rat_lightning::gated_recurrence_step", mutates_args=())
-def _step_op(
-    x: torch.Tensor,
-    g: torch.Tensor,
-    k: torch.Tensor | None,
-    gate_bias: torch.Tensor | None,
-    sx_prev: torch.Tensor | None,
-    sk_prev: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return recurrence_step(x, g, k, gate_bias, sx_prev, sk_prev)
-
-
-@_step_op.register_fake
+@recurrence_step.register_fake
 def _step_fake(x, g, k, gate_bias, sx_prev, sk_prev):
     sx = x.new_empty(x.shape, dtype=torch.float32)
     return sx, (torch.empty_like(sx) if k is not None else sx.new_empty(0))
@@ -133,18 +122,4 @@ def _backward(ctx, dsx, dsk):
     )
 
 
-_step_op.register_autograd(_backward)
-
-
-def gated_recurrence_step_triton(
-    x: torch.Tensor,
-    g: torch.Tensor,
-    state: tuple[torch.Tensor, torch.Tensor | None] | None,
-    k: torch.Tensor | None = None,
-    gate_bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Forward-only Triton step (custom op ``rat_lightning::gated_recurrence_step``); arguments and
-    results as :func:`.reference.gated_recurrence_step` (fp32 states, sk None without k)."""
-    sx_prev, sk_prev = state if state is not None else (None, None)
-    sx, sk = _step_op(x, g, k, gate_bias, sx_prev, sk_prev if k is not None else None)
-    return sx, (sk if k is not None else None)
+recurrence_step.register_autograd(_backward)
