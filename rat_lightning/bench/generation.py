@@ -23,6 +23,9 @@ Protocol (the paper's: a 3,072-token prompt, 1,024 generated tokens, the largest
   The kernels run one after another, so the two add. ``step_floor_bytes_ms`` is the bytes alone
   (weights and caches), the floor reported before 2026-12-03.
 - End to end: prefill of the whole batch (micro-batches x the measured time) plus decoding.
+- ``--profile``: CUDA time of one decoding step by kernel group and the slowest kernels
+  (``torch.profiler`` over 16 steps of the full batch after the timed loop, caches at their final
+  length), as ``profile_ms`` and ``top_kernels``.
 
 ``--smoke`` runs the same code on a tiny model (CPU is fine; used by the tests).
 """
@@ -37,6 +40,7 @@ from collections.abc import Sequence
 import torch
 
 from rat_lightning.bench.decode import copy_bandwidth
+from rat_lightning.bench.layer_profile import group_totals, profile_kernels
 from rat_lightning.bench.report import peak_bf16_flops, write_report
 from rat_lightning.layers.cache import repeat_cache
 from rat_lightning.model import ModelConfig, RATLanguageModel
@@ -57,6 +61,21 @@ def _largest_batch(model: RATLanguageModel, length: int, micro: int, headroom: f
     return max(micro, int((free - headroom) // per_sequence) // micro * micro)
 
 
+def _profile_steps(model: RATLanguageModel, caches: list, token: torch.Tensor) -> dict:
+    """CUDA kernel time of a decoding step (``profile_ms`` by group, ``top_kernels``): 18 greedy
+    steps from the prompt's end, the last 16 profiled, a chunk's end among them. The steps write
+    into the caches' reserved room past their lengths, which the timed loop overwrites, so the
+    caches passed in still hold the prompt alone."""
+    state = {"caches": caches, "token": token}
+
+    def step() -> None:
+        logits, state["caches"] = model.step(state["token"], state["caches"])
+        state["token"] = logits.argmax(-1)
+
+    kernels = profile_kernels(step, iterations=16, warmup=2)
+    return {"profile_ms": group_totals(kernels), "top_kernels": kernels[:25]}
+
+
 @torch.no_grad()
 def measure(
     mixer: str,
@@ -69,8 +88,10 @@ def measure(
     bandwidth: float,
     device: torch.device,
     batch: int | None = None,
+    profile: bool = False,
 ) -> dict:
-    """One model's prefill and decoding throughput at the largest batch (or ``batch``)."""
+    """One model's prefill and decoding throughput at the largest batch (or ``batch``); with
+    ``profile``, the kernels of one decoding step."""
     if device.type == "cuda":
         # The previous model's caches may still sit in the allocator's pool: free memory is
         # measured below, and a pool squeezed against the caches would stall every step.
@@ -115,6 +136,7 @@ def measure(
         torch.cuda.empty_cache()  # the prefill's activations: give their blocks back to the caches
     caches = repeat_cache(caches, batch // micro)
     token = first.repeat_interleave(batch // micro)
+    extra = _profile_steps(model, caches, token) if profile else {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
@@ -141,7 +163,7 @@ def measure(
         "step_floor_bytes_ms": (weight_bytes + batch * read) / bandwidth * 1e3, "matmul_ms_at_peak": matmul_s * 1e3,
         "end_to_end_s": prefill_total_s + decode_s,
         "end_to_end_new_tokens_per_s": batch * new_tokens / (prefill_total_s + decode_s),
-        "max_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+        "max_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None, **extra,
     }  # fmt: skip
 
 
@@ -161,6 +183,10 @@ def format_table(rows: list[dict]) -> str:
     if {"rat", "attention"} <= by_mixer.keys():
         ratio = by_mixer["rat"]["decode_tokens_per_s"] / by_mixer["attention"]["decode_tokens_per_s"]
         lines.append(f"RAT / attention decode throughput: {ratio:.2f}x")
+    for r in rows:
+        if "profile_ms" in r:
+            groups = sorted(r["profile_ms"].items(), key=lambda kv: -kv[1])
+            lines.append(f"{r['mixer']} step kernels: " + "  ".join(f"{name} {ms:.2f} ms" for name, ms in groups))
     return "\n".join(lines)
 
 
@@ -176,6 +202,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--headroom-gb", type=float, default=6.0, help="memory kept free beside the caches")
     parser.add_argument("--warmup", type=int, default=20, help="untimed decoding steps (Triton compiles)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model and short sequences (CPU is fine)")
+    parser.add_argument("--profile", action="store_true", help="add one decoding step's CUDA time by kernel")
     return parser.parse_args(argv)
 
 
@@ -190,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     bandwidth = copy_bandwidth(device, 2**20 if args.smoke else 4 * 2**30)
     rows = [
         measure(mixer, shape, args.prompt_len, args.new_tokens, args.micro_batch, args.headroom_gb, args.warmup,
-                bandwidth, device, args.batch)
+                bandwidth, device, args.batch, args.profile)
         for mixer in args.mixers
     ]  # fmt: skip
     print(format_table(rows))

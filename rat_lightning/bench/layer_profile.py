@@ -40,16 +40,23 @@ def _group(name: str) -> str:
 
 
 def profile_kernels(step: Callable[[], None], iterations: int = 3, warmup: int = 3) -> list[dict]:
-    """CUDA kernel rows ``{"kernel", "group", "ms", "calls"}`` per call of ``step``, slowest first."""
+    """CUDA kernel rows ``{"kernel", "group", "ms", "calls"}`` per call of ``step``, slowest first
+    (none without CUDA: a CPU smoke run gets an empty list)."""
     from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
 
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         for _ in range(iterations):
             step()
-        torch.cuda.synchronize()
+        sync()
     rows = []
     for event in prof.key_averages():
         total_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
