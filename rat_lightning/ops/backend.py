@@ -5,6 +5,14 @@ from __future__ import annotations
 import torch
 
 BACKENDS = ("auto", "reference", "triton")
+# Input dtypes every Triton kernel here takes (fp32 accumulation inside); fp64 stays on the reference.
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd would record a call on ``tensors`` (None skipped): the forward-only
+    kernels (decode steps, dilated attention) leave such calls to the reference."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def resolve_backend(backend: str, x: torch.Tensor, available: tuple[str, ...]) -> str:

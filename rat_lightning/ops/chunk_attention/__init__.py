@@ -6,7 +6,7 @@ import importlib.util
 
 import torch
 
-from rat_lightning.ops.backend import resolve_backend
+from rat_lightning.ops.backend import TRITON_DTYPES, needs_grad, resolve_backend
 from rat_lightning.ops.chunk_attention.reference import chunk_attention_reference, rotate_summary
 from rat_lightning.ops.chunk_attention.reference import chunk_attention_step as chunk_attention_step_reference
 
@@ -15,7 +15,6 @@ __all__ = ["chunk_attention", "chunk_attention_step", "chunk_attention_step_refe
 # The Triton module is imported on first use: its kernels are built (or set up for the
 # interpreter, TRITON_INTERPRET=1) when it is imported, and CPU-only installs never need it.
 _AVAILABLE = ("triton",) if importlib.util.find_spec("triton") is not None else ()
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def chunk_attention(
@@ -63,7 +62,7 @@ def chunk_attention(
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     dtypes = tuple(t.dtype for t in (q, k, v, gate) if t is not None)
-    supported = all(dtype in _TRITON_DTYPES for dtype in dtypes)
+    supported = all(dtype in TRITON_DTYPES for dtype in dtypes)
     if backend == "triton" and not supported:
         raise ValueError(f"the Triton kernel takes fp16, bf16 or fp32 inputs, got {dtypes}; use backend='reference'")
     if resolve_backend(backend, q, available=_AVAILABLE if supported else ()) == "triton":
@@ -118,20 +117,20 @@ def chunk_attention_step(
         )
     inputs = (q, k_own, v_own, k_chunks, v_chunks)
     dtypes = tuple(x.dtype for x in inputs)
-    supported = all(dtype in _TRITON_DTYPES for dtype in dtypes)
+    supported = all(dtype in TRITON_DTYPES for dtype in dtypes)
     # The decode kernel has no backward: a differentiable call takes the reference under "auto".
-    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+    differentiable = needs_grad(*inputs)
     if backend == "triton":
         if not supported:
             raise ValueError(
                 f"the Triton kernel takes fp16, bf16 or fp32 inputs, got {dtypes}; use backend='reference'"
             )
-        if needs_grad:
+        if differentiable:
             raise ValueError(
                 "backend='triton' is forward-only for the decode step but an input requires grad; use "
                 "backend='auto' or 'reference' (differentiable), or call it under torch.no_grad()"
             )
-    fits = supported and not needs_grad
+    fits = supported and not differentiable
     if resolve_backend(backend, q, available=_AVAILABLE if fits else ()) == "triton":
         # The kernel's launcher checks what is left (even head_dim, CUDA or the interpreter).
         from rat_lightning.ops.chunk_attention.decode import chunk_attention_decode_triton

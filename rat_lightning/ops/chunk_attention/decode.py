@@ -33,11 +33,11 @@ import torch
 import triton
 import triton.language as tl
 
+from rat_lightning.ops.backend import TRITON_DTYPES
 from rat_lightning.ops.triton_common import check_device, col_mask
 
 __all__ = [
     "CONFIGS",
-    "SUPPORTED_DTYPES",
     "DecodeConfig",
     "chunk_attention_decode",
     "chunk_attention_decode_triton",
@@ -46,7 +46,6 @@ __all__ = [
 
 # Log2(e): the kernel works in base 2 (exp2 is one instruction), scores scaled by scale * log2(e).
 _LOG2E = 1.4426950408889634
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # H100 SXM; the CPU interpreter has no device properties (only num_splits' choice depends on it).
 _DEFAULT_SMS = 132
 
@@ -275,7 +274,7 @@ def _check_inputs(q, k_own, v_own, k_chunks, v_chunks) -> None:
             f"got {tuple(k_chunks.shape)}, {tuple(v_chunks.shape)}"
         )
     dtypes = tuple(x.dtype for x in (q, k_own, v_own, k_chunks, v_chunks))
-    if any(dtype not in SUPPORTED_DTYPES for dtype in dtypes):
+    if any(dtype not in TRITON_DTYPES for dtype in dtypes):
         raise ValueError(f"the Triton decode kernel takes fp16, bf16 or fp32 tensors, got {dtypes}")
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {head_dim}; pick d_model / n_heads even")

@@ -10,7 +10,7 @@ import importlib.util
 
 import torch
 
-from rat_lightning.ops.backend import resolve_backend
+from rat_lightning.ops.backend import TRITON_DTYPES, needs_grad, resolve_backend
 from rat_lightning.ops.dilated_attention.reference import (
     dilated_attention_reference,
     dilated_mask,
@@ -24,7 +24,6 @@ __all__ = ["dilated_attention", "dilated_attention_reference", "dilated_mask", "
 _AVAILABLE = ("triton",) if importlib.util.find_spec("triton") is not None else ()
 # What the Triton kernel takes (mirrors .triton's SUPPORTED_*, kept here so that "auto" can
 # decide without importing triton).
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_HEAD_DIMS = (16, 32, 64, 128)
 
 
@@ -82,14 +81,14 @@ def dilated_attention(
         raise ValueError(f"scale must be a float or None (P ** -0.5), got {scale!r}")
 
     # The kernel has no backward: a differentiable call takes the reference even under "auto".
-    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    differentiable = needs_grad(q, k, v)
     if backend == "triton":
-        if needs_grad:
+        if differentiable:
             raise ValueError(
                 "backend='triton' is forward-only but q, k or v requires grad; use backend='auto' or "
                 "'reference' (differentiable), or call it under torch.no_grad()"
             )
-        if q.dtype not in _TRITON_DTYPES:
+        if q.dtype not in TRITON_DTYPES:
             raise ValueError(
                 f"the Triton kernel takes fp16, bf16 or fp32 q, k, v, got {q.dtype}; use backend='reference'"
             )
@@ -97,7 +96,7 @@ def dilated_attention(
             raise ValueError(
                 f"the Triton kernel needs head_dim in {_TRITON_HEAD_DIMS}, got {q.shape[-1]}; use backend='reference'"
             )
-    fits = q.dtype in _TRITON_DTYPES and q.shape[-1] in _TRITON_HEAD_DIMS and not needs_grad
+    fits = q.dtype in TRITON_DTYPES and q.shape[-1] in _TRITON_HEAD_DIMS and not differentiable
     if resolve_backend(backend, q, available=_AVAILABLE if fits else ()) == "triton":
         from rat_lightning.ops.dilated_attention.triton import dilated_attention_triton
 

@@ -31,11 +31,11 @@ import torch
 import triton
 import triton.language as tl
 
+from rat_lightning.ops.backend import TRITON_DTYPES, needs_grad
 from rat_lightning.ops.triton_common import check_device, is_interpreted, to_dot, to_store
 
 __all__ = [
     "CONFIGS",
-    "SUPPORTED_DTYPES",
     "SUPPORTED_HEAD_DIMS",
     "KernelConfig",
     "dilated_attention_fwd",
@@ -46,7 +46,6 @@ __all__ = [
 _LOG2E = 1.4426950408889634
 # tl.dot needs every dim >= 16, and the head dim is one tile (no column mask): powers of two.
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Parts of the allowed set (constexpr selector of the masked loop; jit code may read a global only
 # if it is a tl.constexpr).
@@ -265,7 +264,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             f"q, k, v must all be (batch, seq, heads, head_dim); got {tuple(q.shape)}, {tuple(k.shape)}, "
             f"{tuple(v.shape)}"
         )
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in TRITON_DTYPES:
         raise ValueError(
             f"the Triton kernel takes q, k, v of one dtype among fp16, bf16, fp32; got {q.dtype}, {k.dtype}, "
             f"{v.dtype}; cast them or use backend='reference'"
@@ -376,7 +375,7 @@ def dilated_attention_triton(
     Raises:
         ValueError: when autograd would need gradients of q, k or v (there is no backward kernel).
     """
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+    if needs_grad(q, k, v):
         raise ValueError(
             "the Triton dilated attention kernel has no backward and q, k or v requires grad; use "
             "backend='auto' or 'reference' (differentiable), or call it under torch.no_grad()"

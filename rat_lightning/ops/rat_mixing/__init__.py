@@ -10,14 +10,13 @@ import importlib.util
 
 import torch
 
-from rat_lightning.ops.backend import resolve_backend
+from rat_lightning.ops.backend import TRITON_DTYPES, resolve_backend
 from rat_lightning.ops.chunk_attention.sdpa_lse import cudnn_attention_usable
 from rat_lightning.ops.rat_mixing.reference import rat_mixing_reference, split_projection
 
 __all__ = ["CUDNN_MIN_CHUNKS", "attention_path", "rat_mixing", "split_projection"]
 
 _AVAILABLE = ("triton",) if importlib.util.find_spec("triton") is not None else ()
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # From this many chunks on, "auto" runs the chunk attention around cuDNN's fused attention where
 # cuDNN can take it (:mod:`rat_lightning.ops.chunk_attention.regrouped`). Its extra passes cost
 # about as much as cuDNN saves over the Triton kernels at 1K chunks (T = 16K at L = 16) on an
@@ -89,7 +88,7 @@ def rat_mixing(
         raise ValueError(f"gate_bias must be (heads, head_dim) = {(heads, dim)}, got {tuple(gate_bias.shape)}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    supported = h.dtype in _TRITON_DTYPES
+    supported = h.dtype in TRITON_DTYPES
     if backend == "cudnn" and h.is_cuda and not cudnn_attention_usable(h, dim):
         raise ValueError(
             f"backend='cudnn' needs fp16 / bf16 heads of at most 128 on a Hopper or newer GPU with torch's cuDNN "

@@ -6,7 +6,7 @@ import importlib.util
 
 import torch
 
-from rat_lightning.ops.backend import resolve_backend
+from rat_lightning.ops.backend import TRITON_DTYPES, needs_grad, resolve_backend
 from rat_lightning.ops.recurrence.reference import (
     gated_recurrence_chunked,
     gated_recurrence_stepwise,
@@ -18,7 +18,6 @@ __all__ = ["gated_recurrence", "gated_recurrence_step", "gated_recurrence_step_r
 # The Triton module is imported on first use: its kernels are built (or set up for the
 # interpreter, TRITON_INTERPRET=1) when it is imported, and CPU-only installs never need it.
 _AVAILABLE = ("triton",) if importlib.util.find_spec("triton") is not None else ()
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def gated_recurrence(
@@ -122,15 +121,15 @@ def gated_recurrence_step(
         )
     inputs = [t for t in (x, g, k, gate_bias, *(state or ())) if t is not None]
     states = [t for t in state or () if t is not None]
-    supported = all(t.dtype in _TRITON_DTYPES for t in inputs) and all(t.dtype == torch.float32 for t in states)
+    supported = all(t.dtype in TRITON_DTYPES for t in inputs) and all(t.dtype == torch.float32 for t in states)
     # The step kernel has no backward: a differentiable call takes the reference under "auto".
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-    if backend == "triton" and (not supported or needs_grad):
+    differentiable = needs_grad(*inputs)
+    if backend == "triton" and (not supported or differentiable):
         raise ValueError(
             "backend='triton' takes fp16 / bf16 / fp32 inputs with fp32 states and no gradient (it is forward-only); "
             "use backend='auto' or 'reference'"
         )
-    if resolve_backend(backend, x, available=_AVAILABLE if supported and not needs_grad else ()) == "triton":
+    if resolve_backend(backend, x, available=_AVAILABLE if supported and not differentiable else ()) == "triton":
         from rat_lightning.ops.recurrence.step import recurrence_step
 
         sx_prev, sk_prev = state if state is not None else (None, None)
