@@ -24,8 +24,8 @@ Protocol (the paper's: a 3,072-token prompt, 1,024 generated tokens, the largest
   (weights and caches), the floor reported before 2026-12-03.
 - End to end: prefill of the whole batch (micro-batches x the measured time) plus decoding.
 - ``--profile``: CUDA time of one decoding step by kernel group and the slowest kernels
-  (``torch.profiler`` over 16 steps of the full batch after the timed loop, caches at their final
-  length), as ``profile_ms`` and ``top_kernels``.
+  (``torch.profiler`` over 16 steps of the full batch before the timed loop, from the prompt's
+  end, after 2 warm-up steps), as ``profile_ms`` and ``top_kernels``.
 
 ``--smoke`` runs the same code on a tiny model (CPU is fine; used by the tests).
 """
