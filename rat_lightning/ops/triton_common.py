@@ -1,5 +1,5 @@
-"""Triton helpers shared by the kernels: masks, bf16 emulation for the interpreter, and the test
-of whether the kernels run interpreted."""
+"""Triton helpers shared by the kernels: masks, bf16 emulation for the interpreter, the test of
+whether the kernels run interpreted, and the raising backward of forward-only custom ops."""
 
 from __future__ import annotations
 
@@ -73,3 +73,17 @@ def check_device(x: torch.Tensor, kernel: str = "backend='triton'") -> None:
             f"{kernel} needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, for tests on "
             "CPU); use backend='reference' or 'auto'"
         )
+
+
+def register_forward_only(op, kernel: str, dispatcher: str, setup_context=None) -> None:
+    """Give the custom op ``op`` of a forward-only Triton ``kernel`` a backward that raises: a
+    differentiable call then fails loudly instead of silently returning no gradients (the
+    ``dispatcher`` sends such calls to the reference)."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"the Triton {kernel} is forward-only; call {dispatcher}(..., backend='auto' or 'reference') when "
+            "gradients are needed"
+        )
+
+    op.register_autograd(backward, setup_context=setup_context)

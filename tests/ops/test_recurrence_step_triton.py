@@ -131,3 +131,14 @@ def test_fake_tensor_shapes_and_compile():
 
     compiled = torch.compile(step, fullgraph=True, backend="eager")
     _check(compiled(x, g, state, k, bias), step(x, g, state, k, bias), "compiled")
+
+
+def test_a_differentiable_call_of_the_op_fails_at_backward():
+    """The custom op itself has no gradient: a backward through it raises instead of returning none."""
+    from rat_lightning.ops.recurrence.step import recurrence_step
+
+    x, g, k, bias, state = _inputs(2, 2, 1, 16, torch.float32)
+    x.requires_grad_()
+    sx, _ = recurrence_step(x, g, k, bias, *state)
+    with pytest.raises(RuntimeError, match="forward-only; call gated_recurrence_step"):
+        sx.sum().backward()

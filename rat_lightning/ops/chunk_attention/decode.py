@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from rat_lightning.ops.backend import TRITON_DTYPES
-from rat_lightning.ops.triton_common import check_device, col_mask
+from rat_lightning.ops.triton_common import check_device, col_mask, register_forward_only
 
 __all__ = [
     "CONFIGS",
@@ -365,16 +365,7 @@ def _decode_fake(q, k_own, v_own, k_chunks, v_chunks, rope_base, scale):
     return q.new_empty(q.shape, dtype=torch.float32)
 
 
-def _backward(ctx, do):
-    # Registered so that a differentiable call fails loudly at backward instead of silently
-    # returning no gradients; the dispatcher sends differentiable calls to the reference.
-    raise RuntimeError(
-        "the Triton decode kernel is forward-only; call chunk_attention_step(..., backend='auto' or "
-        "'reference') when gradients are needed"
-    )
-
-
-_decode_op.register_autograd(_backward)
+register_forward_only(_decode_op, "decode kernel", "chunk_attention_step")
 
 
 def chunk_attention_decode_triton(

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from rat_lightning.ops.backend import TRITON_DTYPES, needs_grad
-from rat_lightning.ops.triton_common import check_device, is_interpreted, to_dot, to_store
+from rat_lightning.ops.triton_common import check_device, is_interpreted, register_forward_only, to_dot, to_store
 
 __all__ = [
     "CONFIGS",
@@ -341,16 +341,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(output[1])
 
 
-def _backward(ctx, do, dlse):
-    # Registered so that a differentiable call fails loudly at backward instead of silently
-    # returning no gradients; the dispatcher never gets here (it takes the reference).
-    raise RuntimeError(
-        "the Triton dilated attention kernel is forward-only; call dilated_attention(..., backend='auto' or "
-        "'reference') when gradients are needed"
-    )
-
-
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+register_forward_only(_fwd_op, "dilated attention kernel", "dilated_attention", setup_context=_setup_context)
 
 
 def dilated_attention_triton(

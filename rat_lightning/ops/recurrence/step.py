@@ -22,7 +22,7 @@ import triton.language as tl
 
 from rat_lightning.ops.layout import rows_contiguous
 from rat_lightning.ops.recurrence.triton import _gates
-from rat_lightning.ops.triton_common import check_device, col_mask
+from rat_lightning.ops.triton_common import check_device, col_mask, register_forward_only
 
 __all__ = ["BLOCK_ROWS", "recurrence_step"]
 
@@ -112,13 +112,4 @@ def _step_fake(x, g, k, gate_bias, sx_prev, sk_prev):
     return sx, (torch.empty_like(sx) if k is not None else sx.new_empty(0))
 
 
-def _backward(ctx, dsx, dsk):
-    # Registered so that a differentiable call fails loudly at backward instead of silently
-    # returning no gradients; the dispatcher sends differentiable calls to the reference.
-    raise RuntimeError(
-        "the Triton recurrence step is forward-only; call gated_recurrence_step(..., backend='auto' or "
-        "'reference') when gradients are needed"
-    )
-
-
-recurrence_step.register_autograd(_backward)
+register_forward_only(recurrence_step, "recurrence step", "gated_recurrence_step")
